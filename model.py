@@ -1,0 +1,455 @@
+"""
+The LLaMA architecture (LLaMA-1, LLaMA-2 with grouped-query attention, TinyLlama) and the loaders for the
+checkpoints people have: Hugging Face safetensors / pytorch_model.bin (sharded or not) and Meta's consolidated .pth.
+
+Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, ...), so HF checkpoints, PEFT
+adapters and bitsandbytes 4-bit checkpoints map one to one. Rotary embeddings use HF's rotate-half convention; Meta
+checkpoints are permuted into it as they load. References: Touvron et al. 2023 (LLaMA), Meta's llama/model.py,
+transformers' modeling_llama.py, nanoGPT and gpt-fast.
+"""
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # < n_heads: grouped-query attention (LLaMA-2 70B, TinyLlama)
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # SwiGLU inner size; None: LLaMA's rule from dim and multiple_of
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False  # output head shares the embedding matrix (small models)
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        if self.hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of
+            h = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                h = int(self.ffn_dim_multiplier * h)
+            self.hidden_dim = self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+
+PRESETS = {
+    "7b": dict(dim=4096, n_layers=32, n_heads=32),  # hidden 11008 by the rule
+    "13b": dict(dim=5120, n_layers=40, n_heads=40),  # 13824
+    "33b": dict(dim=6656, n_layers=60, n_heads=52),  # 17920
+    "65b": dict(dim=8192, n_layers=80, n_heads=64),  # 22016
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5, max_seq_len=4096),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5, max_seq_len=4096),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, norm_eps=1e-5,
+                       max_seq_len=4096),
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, norm_eps=1e-5),
+    "tiny": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=688, vocab_size=256, norm_eps=1e-5, max_seq_len=256),
+}
+
+
+def get_args(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalize in fp32, cast back, then scale (as HF does, so logits match)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(args, device, n=None):
+    """cos, sin: (max_seq_len, head_dim) in fp32, HF's rotate-half layout: the frequencies repeat twice."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    t = torch.arange(n or args.max_seq_len, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):  # x: (B, nh, T, hd); cos, sin: (T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # rotate_half: pairs (i, i + hd/2), not Meta's interleaved (2i, 2i+1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, for generation only (training never creates one)."""
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
+
+    def update(self, pos, k, v):  # pos: (T,) positions of the new k, v: (B, nkv, T, hd)
+        self.k[:, :, pos] = k
+        self.v[:, :, pos] = v
+        end = int(pos[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.nh, self.nkv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, args.dim, bias=False)
+        self.cache = None
+
+    def forward(self, x, cos, sin, pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if self.cache is not None:  # attend to every cached position up to each query's own
+            k, v = self.cache.update(pos, k, v)
+            mask = torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None]  # (T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class FeedForward(nn.Module):  # SwiGLU: down(silu(gate(x)) * up(x))
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.Module()  # HF's nesting, so state-dict keys are HF's without any renaming
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.model.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.model.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.grad_checkpoint = False  # recompute each block in backward: activations O(layers) -> O(1) blocks
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        cos, sin = rope_tables(self.args, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, pos=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab). pos: (T,) positions, only with a KV cache."""
+        T = idx.size(1)
+        cos, sin = (self.rope_cos[:T], self.rope_sin[:T]) if pos is None else (self.rope_cos[pos], self.rope_sin[pos])
+        x = self.model.embed_tokens(idx)
+        for layer in self.model.layers:
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, pos)
+        return self.lm_head(self.model.norm(x))
+
+    def setup_cache(self, batch, max_len, dtype=None):
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                                            dtype or self.model.norm.weight.dtype, self.rope_cos.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None):
+        """idx: (B, T) prompt. Greedy when temperature == 0, else nucleus sampling. Uses a KV cache."""
+        B, T = idx.shape
+        self.setup_cache(B, min(T + max_new_tokens, self.args.max_seq_len))
+        try:
+            logits = self(idx, torch.arange(T, device=idx.device))[:, -1]
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for t in range(T, min(T + max_new_tokens, self.args.max_seq_len)):
+                nxt = sample_next(logits, temperature, top_p)  # (B,)
+                idx = torch.cat([idx, nxt[:, None]], dim=1)
+                if eos_id is not None:
+                    done |= nxt == eos_id
+                if done.all() or t + 1 == self.args.max_seq_len:
+                    break
+                logits = self(nxt[:, None], torch.tensor([t], device=idx.device))[:, -1]
+        finally:
+            self.clear_cache()
+        return idx
+
+
+def sample_next(logits, temperature, top_p):
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    p, order = probs.sort(dim=-1, descending=True)
+    p[(p.cumsum(-1) - p) > top_p] = 0  # keep the smallest set whose mass reaches top_p
+    return order.gather(-1, torch.multinomial(p, 1)).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# checkpoints: config, a small safetensors reader/writer, and streaming loaders
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_args(path):
+    """ModelArgs from a HF config.json or a Meta params.json in the directory `path`."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        c = json.loads((path / "config.json").read_text())
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # newer transformers nest theta here
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise CheckpointError(f"{path / 'config.json'}: rope_type {rope.get('rope_type')!r} is not supported")
+        return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                         n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
+                         hidden_dim=c["intermediate_size"], head_dim=c.get("head_dim"), norm_eps=c["rms_norm_eps"],
+                         rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+                         max_seq_len=c.get("max_position_embeddings", 2048),
+                         tie_embeddings=c.get("tie_word_embeddings", False))
+    if (path / "params.json").exists():
+        p = json.loads((path / "params.json").read_text())
+        known = {f.name for f in fields(ModelArgs)}
+        if p.get("vocab_size", -1) < 0:  # LLaMA-1's params.json says -1: read it off the embedding's shape
+            p["vocab_size"] = next(iter(_meta_shards(path)[0].values())).shape[0]
+        return ModelArgs(**{k: v for k, v in p.items() if k in known})
+    raise CheckpointError(f"{path}: no config.json (Hugging Face) or params.json (Meta) found; expected a model "
+                          "directory with config.json + model.safetensors / pytorch_model.bin, or params.json + "
+                          "consolidated.00.pth")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Yield (name, tensor) from a .safetensors file, memory-mapped; every offset is checked against the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise CheckpointError(f"{path}: truncated file ({size} bytes, no header)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+    header.pop("__metadata__", None)
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        nbytes = math.prod(info["shape"]) * dtype.itemsize
+        if not 0 <= begin <= end or 8 + n + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] point outside the file "
+                                  f"(data section is {size - 8 - n} bytes): truncated or corrupt")
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but shape {info['shape']} "
+                                  f"of {info['dtype']} needs {nbytes}")
+        t = torch.frombuffer(buf, dtype=torch.uint8, offset=8 + n + begin, count=nbytes) if nbytes else \
+            torch.empty(0, dtype=torch.uint8)
+        yield name, t.view(dtype).reshape(info["shape"])
+
+
+def save_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} as .safetensors, atomically (temporary file, fsync, rename)."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset, blobs = {"__metadata__": metadata or {"format": "pt"}}, 0, []
+    for name, t in tensors.items():
+        b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        offset += len(b)
+        blobs.append(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)  # pad so the data section starts 8-byte aligned
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for b in blobs:
+            f.write(b)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _meta_shards(path):
+    files = sorted(Path(path).glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{path}: params.json found but no consolidated.NN.pth shards")
+    return [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+
+
+def _permute_rotary(w, n_heads):
+    """Meta's q/k rows pair (2i, 2i+1) per head; HF's rotate-half pairs (i, i + hd/2): regroup the rows."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# Meta name -> (HF name, axis along which model-parallel shards are concatenated; None = replicated)
+META_NAMES = {"tok_embeddings.weight": ("model.embed_tokens.weight", 1), "norm.weight": ("model.norm.weight", None),
+              "output.weight": ("lm_head.weight", 0)}
+META_LAYER = {"attention.wq": ("self_attn.q_proj", 0), "attention.wk": ("self_attn.k_proj", 0),
+              "attention.wv": ("self_attn.v_proj", 0), "attention.wo": ("self_attn.o_proj", 1),
+              "feed_forward.w1": ("mlp.gate_proj", 0), "feed_forward.w3": ("mlp.up_proj", 0),
+              "feed_forward.w2": ("mlp.down_proj", 1), "attention_norm": ("input_layernorm", None),
+              "ffn_norm": ("post_attention_layernorm", None)}
+
+
+def _stream_meta(path, args):
+    shards, file = _meta_shards(path), Path(path) / "consolidated.00.pth"
+    for key in shards[0]:
+        if key == "rope.freqs":
+            continue  # precomputed rotary table, rebuilt here
+        parts = key.split(".")
+        if parts[0] == "layers" and ".".join(parts[2:-1]) in META_LAYER:
+            sub, axis = META_LAYER[".".join(parts[2:-1])]
+            name = f"model.layers.{parts[1]}.{sub}.weight"
+        elif key in META_NAMES:
+            name, axis = META_NAMES[key]
+        else:
+            raise CheckpointError(f"{file}: unknown key {key!r}")
+        t = shards[0][key] if axis is None else torch.cat([s[key] for s in shards], dim=axis)
+        if name.endswith("q_proj.weight"):
+            t = _permute_rotary(t, args.n_heads)
+        elif name.endswith("k_proj.weight"):
+            t = _permute_rotary(t, args.n_kv_heads)
+        yield name, t, file
+
+
+def stream_tensors(path, args=None):
+    """Yield (hf_name, tensor, file) one tensor at a time from any supported checkpoint layout in `path`."""
+    path = Path(path)
+    if (path / "params.json").exists() and not (path / "config.json").exists():
+        yield from _stream_meta(path, args or load_args(path))
+        return
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index).exists():
+            files = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+        elif (path / single).exists():
+            files = [single]
+        else:
+            continue
+        for file in files:
+            f = path / file
+            if f.suffix == ".safetensors":
+                for name, t in read_safetensors(f):
+                    yield name, t, f
+            else:
+                for name, t in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
+                    yield name, t, f
+        return
+    raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                          "consolidated.00.pth found")
+
+
+def load_weights(model, path, hook=None, device="cpu", dtype=torch.float32):
+    """Stream a checkpoint into `model` (typically built on the meta device), strictly: every key known, every
+    parameter filled with the right shape. `hook(name, tensor)` sees each tensor first and returns it (maybe
+    transformed), or None when it has stored it itself (the 4-bit quantizer does this)."""
+    with torch.device("meta"):  # the dense model's keys: what a checkpoint must hold, whatever `prepare` swapped
+        expected = {k for k in Transformer(model.args).state_dict()
+                    if not (k == "lm_head.weight" and model.args.tie_embeddings)}
+    seen = set()
+    for name, t, file in stream_tensors(path, model.args):
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.args.tie_embeddings):
+            continue  # derived from the config (old HF checkpoints store it; tied heads are the embedding)
+        if hook is not None and (t := hook(name, t)) is None:
+            seen.add(name)
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{file}: unknown key {name!r} (not a parameter of this model)")
+        mod_name, attr = name.rsplit(".", 1)
+        mod, old = model.get_submodule(mod_name), model.get_parameter(name)
+        if t.shape != old.shape:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(t.shape)}, the model expects "
+                                  f"{list(old.shape)}")
+        mod._parameters[attr] = nn.Parameter(t.to(device=device, dtype=dtype, copy=True),
+                                             requires_grad=old.requires_grad)
+        seen.add(name)
+    if missing := sorted(expected - seen):
+        raise CheckpointError(f"{path}: {len(missing)} missing key(s): {', '.join(missing[:8])}"
+                              f"{' ...' if len(missing) > 8 else ''}")
+    if model.args.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope(device)
+    meta = [k for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items() if v.is_meta]
+    if meta:
+        raise CheckpointError(f"{path}: left unfilled after loading: {', '.join(meta[:8])}")
+    return model
+
+
+def load_model(path, device="cpu", dtype=torch.float32, hook=None, prepare=None, args=None):
+    """Build on the meta device (no memory), let `prepare(model)` swap modules (e.g. 4-bit linears), then fill."""
+    args = args or load_args(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    if prepare is not None:
+        prepare(model)
+    return load_weights(model, path, hook, device, dtype)
+
+
+class Tokenizer:
+    """A thin sentencepiece wrapper: encode with optional BOS/EOS, decode."""
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.path = str(path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, s, bos=False, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])

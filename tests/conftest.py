@@ -1,0 +1,23 @@
+# Shared test helpers: where the shared test assets live, and skips that say why.
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"  # real third-party test assets, beside a clone (never copied in)
+
+
+def asset(*parts):
+    """Path to a shared asset, or skip the test with the reason if the folder is absent (a user's fresh clone)."""
+    p = ASSETS.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared test asset {p} not present (it lives beside the repo, see README)")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

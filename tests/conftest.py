@@ -1,11 +1,13 @@
 # Shared test helpers: where the shared test assets live, and skips that say why.
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's modules are top-level files: import them from any working dir
 ASSETS = ROOT.parent / "shared" / "assets"  # real third-party test assets, beside a clone (never copied in)
 
 

@@ -1,0 +1,257 @@
+# Paged AdamW: AdamW whose fp32 moments live in CUDA managed (unified) memory, so that under GPU memory pressure
+# the driver pages them out to host RAM instead of the step failing with out-of-memory. This is the "paged
+# optimizer" of QLoRA (Dettmers et al. 2023, section 3) as bitsandbytes' PagedAdamW32bit implements it, written
+# with torch + ctypes only: a small binding to the CUDA runtime torch already loaded (cudaMallocManaged,
+# cudaMemPrefetchAsync), a zero-copy torch view of a managed allocation (__cuda_array_interface__), and the exact
+# update of torch.optim.AdamW (_single_tensor_adam). Managed memory is invisible to torch.cuda's memory stats
+# and to set_per_process_memory_fraction: that is the point, and also why we check free memory ourselves.
+import ctypes
+import ctypes.util
+import glob
+import math
+import os
+import sys
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# ctypes binding to libcudart, loaded on first use only, so this module imports on CPU-only machines
+
+cudaMemAttachGlobal = 1  # the allocation is accessible from any stream on any device
+cudaDevAttrConcurrentManagedAccess = 89  # 1 if GPU and CPU may touch managed memory at the same time
+cudaMemLocationTypeDevice, cudaMemLocationTypeHost = 1, 2
+cudaMemAdviseSetPreferredLocation, cudaMemAdviseSetAccessedBy = 3, 5
+cudaErrorCudartUnloading = 4  # returned by calls made while the process is shutting down
+
+
+class cudaMemLocation(ctypes.Structure):  # CUDA 13 passes this struct BY VALUE to prefetch and advise
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+def find_libcudart():
+    """Path of libcudart: the copy already loaded in this process first (the same runtime torch uses), then the
+    pip wheels' copies (torch/lib, nvidia/cuda_runtime for CUDA 12, nvidia/cu13 for CUDA 13), then the system's."""
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as f:
+            for line in f:  # "address perms offset dev inode path"; the path may be absent
+                fields = line.split(maxsplit=5)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if os.path.basename(path).startswith("libcudart") and ".so" in path:
+                    return path
+    dirs = [os.path.join(os.path.dirname(torch.__file__), "lib")]
+    for sp in sys.path:  # site-packages directories hold the nvidia-* wheels beside torch
+        dirs += [os.path.join(sp, "nvidia", sub, "lib") for sub in ("cuda_runtime", "cu13")]
+    major = (torch.version.cuda or "").split(".")[0]  # prefer the runtime torch was built against
+    for d in dirs:
+        found = sorted(glob.glob(os.path.join(d, "libcudart*.so*")), key=lambda p: not p.endswith("." + major))
+        if found:
+            return found[0]
+    return ctypes.util.find_library("cudart")
+
+
+class CudaRuntime:
+    def __init__(self, path):
+        self.lib = lib = ctypes.CDLL(path)
+        P, S, I, U = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint
+
+        def fn(name, *argtypes, restype=ctypes.c_int):  # declare every signature: ctypes' default is int
+            f = getattr(lib, name)
+            f.argtypes, f.restype = list(argtypes), restype
+            return f
+
+        self._error_string = fn("cudaGetErrorString", I, restype=ctypes.c_char_p)
+        version = ctypes.c_int()
+        self._check(fn("cudaRuntimeGetVersion", ctypes.POINTER(I))(ctypes.byref(version)), "cudaRuntimeGetVersion")
+        self.version = version.value  # e.g. 12080 for 12.8, 13000 for 13.0
+        self._malloc = fn("cudaMallocManaged", ctypes.POINTER(P), S, U)
+        self._free = fn("cudaFree", P)
+        self._attribute = fn("cudaDeviceGetAttribute", ctypes.POINTER(I), I, I)
+        # CUDA 13 replaced the int device of prefetch/advise with a cudaMemLocation struct (+ flags for prefetch)
+        if self.version >= 13000:
+            self._prefetch = fn("cudaMemPrefetchAsync", P, S, cudaMemLocation, U, P)
+            self._advise = fn("cudaMemAdvise", P, S, I, cudaMemLocation)
+        else:
+            self._prefetch = fn("cudaMemPrefetchAsync", P, S, I, P)
+            self._advise = fn("cudaMemAdvise", P, S, I, I)
+        self._concurrent = {}  # device index -> bool, asked once
+
+    def _check(self, err, call):
+        if err != 0:
+            raise RuntimeError(f"CUDA runtime call {call} failed: error {err} ({self._error_string(err).decode()})")
+
+    def _location(self, device):  # device index, or -1 (cudaCpuDeviceId) for host memory
+        if self.version >= 13000:
+            return cudaMemLocation(cudaMemLocationTypeHost if device < 0 else cudaMemLocationTypeDevice, device)
+        return device
+
+    def malloc_managed(self, nbytes):
+        ptr = ctypes.c_void_p()
+        self._check(self._malloc(ctypes.byref(ptr), nbytes, cudaMemAttachGlobal), f"cudaMallocManaged({nbytes})")
+        return ptr.value
+
+    def free(self, ptr):
+        err = self._free(ptr)  # cudaFree synchronizes the device, so no kernel is still using the pages
+        if err != cudaErrorCudartUnloading:  # at interpreter exit the runtime may already be gone: nothing to free
+            self._check(err, "cudaFree")
+
+    def prefetch(self, ptr, nbytes, device, stream):  # stream-ordered: kernels queued after it find pages resident
+        args = (0, stream) if self.version >= 13000 else (stream,)  # flags = 0 on CUDA 13
+        self._check(self._prefetch(ptr, nbytes, self._location(device), *args), "cudaMemPrefetchAsync")
+
+    def advise(self, ptr, nbytes, advice, device):
+        self._check(self._advise(ptr, nbytes, advice, self._location(device)), "cudaMemAdvise")
+
+    def concurrent_managed_access(self, device):
+        if device not in self._concurrent:
+            value = ctypes.c_int()
+            err = self._attribute(ctypes.byref(value), cudaDevAttrConcurrentManagedAccess, device)
+            self._check(err, "cudaDeviceGetAttribute(cudaDevAttrConcurrentManagedAccess)")
+            self._concurrent[device] = value.value == 1
+        return self._concurrent[device]
+
+
+_runtime = None  # the binding, created by cudart() on first CUDA use; stays None on CPU-only runs
+
+
+def cudart():
+    global _runtime
+    if _runtime is None:
+        path = find_libcudart()
+        if path is None:
+            raise RuntimeError("paged_adamw: libcudart not found (not loaded by torch, not in torch/lib, "
+                               "nvidia/*/lib or the system library path); is this a CUDA build of torch?")
+        _runtime = CudaRuntime(path)
+    return _runtime
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# managed tensors: torch tensors over cudaMallocManaged memory
+
+
+class ManagedBuffer:
+    """Owns one managed allocation. torch.as_tensor keeps a reference to it for as long as any tensor (or view) of
+    the memory lives, so __del__ runs once, after the last one dies, and frees the pages exactly once."""
+    frees = 0  # number of cudaFree calls made, for tests
+
+    def __init__(self, nbytes):
+        self.ptr = None  # set first, so __del__ has nothing to free if the allocation fails
+        self.ptr = cudart().malloc_managed(nbytes)
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.ptr, False),
+                                         "version": 3}  # data = (pointer, read_only)
+
+    def __del__(self):
+        if self.ptr is not None:
+            cudart().free(self.ptr)
+            self.ptr = None
+            ManagedBuffer.frees += 1
+
+
+def managed_tensor(shape, dtype, device):
+    """Zero-filled tensor of `shape` and `dtype` on CUDA `device`, backed by managed memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"managed memory is CUDA memory, got device {device}")
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    nbytes = math.prod(shape) * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    if not 0 < nbytes <= free:  # oversubscribing managed memory at allocation can stall the whole GPU
+        raise RuntimeError(f"managed_tensor: refusing to allocate {nbytes} bytes of managed memory on {device} "
+                           f"with {free} bytes free")
+    with torch.cuda.device(device):  # the pointer's device (what torch reads back) is the current one
+        buf = ManagedBuffer(nbytes)
+        t = torch.as_tensor(buf, device=device)  # (nbytes,) uint8, zero copy; torch parses typestr with numpy
+    return t.view(dtype).view(shape).zero_()  # zero_ on the current stream also maps the pages on the GPU
+
+
+def prefetch(t, device=None):
+    """Queue a migration of managed tensor t's pages to `device` (default its own; "cpu" for host RAM)."""
+    device = t.device if device is None else torch.device(device)
+    index = -1 if device.type == "cpu" else device.index  # -1 = cudaCpuDeviceId
+    stream = torch.cuda.current_stream(t.device).cuda_stream
+    cudart().prefetch(t.data_ptr(), t.numel() * t.element_size(), index, stream)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the optimizer
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW (decoupled weight decay, bias correction), with fp32 moments kept in managed memory for
+    CUDA parameters of at least `page_threshold` elements (bitsandbytes' rule: small tensors are not worth paging)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 page_threshold=100_000, paged=True):
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid hyperparameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        page_threshold=page_threshold, paged=paged)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _is_paged(p, group):
+        return group["paged"] and p.is_cuda and p.numel() >= max(group["page_threshold"], 1)
+
+    def _new_moment(self, p, group):  # an fp32 zero tensor shaped like p, paged or not by the rule above
+        if self._is_paged(p, group):
+            return managed_tensor(p.shape, torch.float32, p.device)
+        return torch.zeros_like(p, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PagedAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:  # step is a CPU fp32 scalar tensor, as torch's non-capturable AdamW keeps it
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"], state["exp_avg_sq"] = self._new_moment(p, group), self._new_moment(p, group)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if self._is_paged(p, group) and cudart().concurrent_managed_access(p.device.index):
+                    prefetch(m)  # bring evicted pages back before the kernels below touch them
+                    prefetch(v)
+                state["step"] += 1
+                step = state["step"].item()
+                # the maths in fp32 even for bf16/fp16 params: the update lr*m/sqrt(v) is far below bf16's
+                # resolution near 1, so it must be accumulated in fp32 and rounded once on write-back
+                p32 = p if p.dtype == torch.float32 else p.float()
+                g = p.grad.float()  # no copy when already fp32
+                # the same operations in the same order as torch's _single_tensor_adam, so results match bitwise
+                if wd != 0:
+                    p32.mul_(1 - lr * wd)  # decoupled weight decay: p <- p (1 - lr wd), not through the gradient
+                m.lerp_(g, 1 - beta1)  # m <- b1 m + (1 - b1) g
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v <- b2 v + (1 - b2) g^2
+                bias_correction1 = 1 - beta1 ** step  # m and v start at 0: divide out their bias towards it
+                bias_correction2 = 1 - beta2 ** step
+                step_size = lr / bias_correction1
+                denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)  # sqrt(v_hat) + eps
+                p32.addcdiv_(m, denom, value=-step_size)  # p <- p - lr m_hat / (sqrt(v_hat) + eps)
+                if p32 is not p:
+                    p.copy_(p32)
+        return loss
+
+    def state_dict(self):
+        # checkpoints hold plain CPU tensors: never managed memory, loadable on a machine without a GPU
+        sd = super().state_dict()
+        sd["state"] = {k: {name: x.cpu() if torch.is_tensor(x) else x for name, x in s.items()}
+                       for k, s in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        # torch's loader would cast the moments to the param's dtype and device (bf16 moments, allocated in
+        # torch's pool); give it only the step counters, then rebuild fp32 moments in (managed) memory ourselves
+        saved = state_dict["state"]
+        steps = {k: {"step": torch.tensor(float(s["step"]), dtype=torch.float32)} for k, s in saved.items()}
+        super().load_state_dict({**state_dict, "state": steps})
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, k in zip(group["params"], saved_group["params"]):
+                if k in saved:  # a param that had no gradient yet has no state
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        self.state[p][name] = self._new_moment(p, group).copy_(saved[k][name])

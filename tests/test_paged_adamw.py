@@ -1,0 +1,219 @@
+# PagedAdamW: parity with torch.optim.AdamW, checkpoint round trip, the CPU path without CUDA, and on a GPU the
+# managed tensors and the reason the optimizer exists (its states survive a capped torch allocator).
+import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import paged_adamw
+from paged_adamw import ManagedBuffer, PagedAdamW, managed_tensor, prefetch
+
+ROOT = Path(__file__).resolve().parents[1]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (managed memory)")
+
+
+def mlp(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).to(device, dtype)
+
+
+def train(model, opt, steps, device="cpu", start=0):
+    for i in range(start, start + steps):
+        g = torch.Generator().manual_seed(i)  # batch i is the same whatever optimizer or resume point
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        loss = torch.nn.functional.mse_loss(model(x.to(device)).float(), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def assert_params_close(a, b, atol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p - q).abs().max().item() <= atol, name
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_matches_torch_adamw_on_cpu(weight_decay):
+    hp = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay)
+    ref, ours = mlp(), mlp()
+    train(ref, torch.optim.AdamW(ref.parameters(), foreach=False, **hp), 100)
+    train(ours, PagedAdamW(ours.parameters(), **hp), 100)
+    assert_params_close(ref, ours, atol=1e-6)
+
+
+def test_default_hyperparameters_match_torch():
+    ours, ref = PagedAdamW([torch.zeros(1)]).defaults, torch.optim.AdamW([torch.zeros(1)]).defaults
+    for k in ("lr", "betas", "eps", "weight_decay"):
+        assert ours[k] == ref[k], k
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_bf16_params_update_in_fp32(device):
+    # from identical weights and grads, one bf16 step == the fp32 step rounded once to bf16 (paged on CUDA)
+    p16 = torch.randn(64, 64, device=device).bfloat16().requires_grad_()
+    p32 = p16.detach().float().requires_grad_()
+    p16.grad = torch.randn(64, 64, device=device).bfloat16()
+    p32.grad = p16.grad.float()
+    opt16 = PagedAdamW([p16], lr=1e-2, page_threshold=1)
+    opt16.step()
+    PagedAdamW([p32], lr=1e-2, page_threshold=1).step()
+    assert torch.equal(p16.detach(), p32.detach().bfloat16())
+    assert opt16.state[p16]["exp_avg"].dtype == torch.float32
+
+
+def test_state_dict_round_trip(tmp_path):
+    # uninterrupted 100 steps == 50 steps, save, load into a fresh model + optimizer, 50 more steps (exactly)
+    full = mlp()
+    train(full, PagedAdamW(full.parameters(), weight_decay=0.1), 100)
+
+    first = mlp()
+    opt = PagedAdamW(first.parameters(), weight_decay=0.1)
+    train(first, opt, 50)
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for s in ckpt["opt"]["state"].values():
+        assert s["exp_avg"].device.type == s["exp_avg_sq"].device.type == "cpu"
+        assert s["exp_avg"].dtype == torch.float32 and s["step"].item() == 50
+
+    resumed = mlp()
+    resumed.load_state_dict(ckpt["model"])
+    opt = PagedAdamW(resumed.parameters(), weight_decay=0.1)
+    opt.load_state_dict(ckpt["opt"])
+    train(resumed, opt, 50, start=50)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cpu_path_never_loads_cudart():
+    # a fresh interpreter, so nothing another test did can have loaded the library: import, train on CPU
+    code = (
+        "import torch, paged_adamw\n"
+        "m = torch.nn.Linear(300, 400)\n"  # 120k weights: above the page threshold, but on CPU never paged
+        "opt = paged_adamw.PagedAdamW(m.parameters())\n"
+        "for _ in range(3):\n"
+        "    m(torch.randn(2, 300)).sum().backward(); opt.step()\n"
+        "assert paged_adamw._runtime is None, 'the CUDA binding was created on the CPU path'\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "assert torch.version.cuda is not None or 'libcudart' not in maps, 'libcudart was loaded'\n"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # even on a GPU machine, the CPU path
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors a machine without a GPU gets")
+def test_binding_errors_name_the_call():
+    path = paged_adamw.find_libcudart()
+    if path is None:
+        pytest.skip("no libcudart on this machine")
+    rt = paged_adamw.CudaRuntime(path)  # a private instance: the module's lazy one stays unset
+    assert rt.version >= 11000  # the runtime answers without a device
+    with pytest.raises(RuntimeError, match="cudaMallocManaged"):
+        rt.malloc_managed(1024)
+    with pytest.raises(RuntimeError, match="cudaMemPrefetchAsync"):
+        rt.prefetch(0, 0, 0, None)
+
+
+def test_managed_tensor_rejects_cpu():
+    with pytest.raises(ValueError, match="CUDA"):
+        managed_tensor((4,), torch.float32, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@cuda
+def test_managed_tensor_is_a_cuda_tensor_freed_once():
+    before_alloc, frees = torch.cuda.memory_allocated(), ManagedBuffer.frees
+    t = managed_tensor((256, 256), torch.float32, "cuda")
+    assert t.is_cuda and t.shape == (256, 256) and t.dtype == torch.float32 and torch.all(t == 0)
+    assert torch.cuda.memory_allocated() == before_alloc  # not from torch's pool: zero copy over managed memory
+    t.fill_(2.0).add_(1.0)
+    assert torch.equal(t @ t, torch.full((256, 256), 9.0 * 256, device="cuda"))
+    rt = paged_adamw.cudart()
+    rt.advise(t.data_ptr(), t.numel() * 4, paged_adamw.cudaMemAdviseSetAccessedBy, t.device.index)
+    if rt.concurrent_managed_access(t.device.index):  # prefetching needs it (as the optimizer checks)
+        prefetch(t, "cpu")  # page out to host RAM and back: the values survive the round trip
+        prefetch(t)
+    assert torch.all(t == 3.0)
+    row = t[1]  # a view keeps the allocation alive
+    del t
+    gc.collect()
+    assert ManagedBuffer.frees == frees
+    assert row.sum().item() == 3.0 * 256
+    del row
+    gc.collect()
+    assert ManagedBuffer.frees == frees + 1  # cudaFree exactly once, when the last view died
+    b = managed_tensor((8,), torch.bfloat16, "cuda")  # other dtypes are views of the same bytes
+    assert b.dtype == torch.bfloat16 and b.add_(1.5).sum().item() == 12.0
+
+
+@cuda
+def test_managed_tensor_refuses_more_than_free_memory():
+    free, _ = torch.cuda.mem_get_info()
+    frees = ManagedBuffer.frees
+    with pytest.raises(RuntimeError, match="refusing"):
+        managed_tensor((free + 1,), torch.uint8, "cuda")  # checked before any allocation is made
+    assert ManagedBuffer.frees == frees
+
+
+@cuda
+def test_matches_torch_adamw_on_cuda():
+    hp = dict(lr=3e-3, weight_decay=0.1)
+    ref, ours = mlp("cuda"), mlp("cuda")
+    opt = PagedAdamW(ours.parameters(), page_threshold=100, **hp)  # the 512 and 128 weights paged, biases not
+    train(ref, torch.optim.AdamW(ref.parameters(), foreach=False, **hp), 20, "cuda")
+    train(ours, opt, 20, "cuda")
+    assert_params_close(ref, ours, atol=1e-6)
+    # round trip through CPU tensors, back into managed memory on the GPU
+    sd = opt.state_dict()
+    assert all(s["exp_avg"].device.type == "cpu" for s in sd["state"].values())
+    opt2 = PagedAdamW(ours.parameters(), page_threshold=100, **hp)
+    opt2.load_state_dict(sd)
+    w = ours[0].weight
+    assert opt2.state[w]["exp_avg"].is_cuda and torch.equal(opt2.state[w]["exp_avg"], opt.state[w]["exp_avg"])
+
+
+@cuda
+def test_paged_states_live_outside_a_capped_allocator():
+    # params + grads fill torch's pool; a cap leaves room for a quarter of the params more: torch's AdamW
+    # needs twice the params for its moments and must fail, PagedAdamW puts them in managed memory and succeeds
+    n_layers, width = 16, 2048  # 16 x 4M fp32 weights = 256 MiB of params, 512 MiB of moments
+    free, total = torch.cuda.mem_get_info()
+    param_bytes = n_layers * width * width * 4
+    if free < 8 * param_bytes:
+        pytest.skip(f"needs {8 * param_bytes} bytes free, has {free}")
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(n_layers)]).cuda()
+    model(torch.randn(2, width, device="cuda")).square().mean().backward()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    cap = torch.cuda.memory_reserved() + param_bytes // 4
+    try:
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+        torch_opt = torch.optim.AdamW(model.parameters())
+        oom = False
+        try:
+            torch_opt.step()
+        except torch.OutOfMemoryError:  # caught here so no traceback keeps its partial moments alive
+            oom = True
+        assert oom, "torch.optim.AdamW fitted under the cap: the test is mis-sized"
+        del torch_opt  # frees the moments it allocated before failing
+        gc.collect()
+        torch.cuda.empty_cache()
+
+        before = model[0].weight.detach().cpu()
+        allocated = torch.cuda.memory_allocated()
+        opt = PagedAdamW(model.parameters())
+        opt.step()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - allocated < param_bytes // 4  # moments are not in torch's pool
+        assert not torch.equal(before, model[0].weight.detach().cpu())
+        assert all(torch.isfinite(opt.state[p]["exp_avg_sq"]).all() for p in model.parameters())
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)

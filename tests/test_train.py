@@ -1,0 +1,154 @@
+# train.py: settings, the memory plan, exact resume after SIGKILL, learning on the default task and on a real
+# pretrained model, and clear errors for bad runs.
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train as T
+from conftest import ROOT, asset
+
+FAST = ["--batch_size=16", "--eval_answers=0", "--log_interval=1000", "--eval_interval=1000"]
+
+
+def run_train(*args, timeout=300, check=True):
+    p = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "log.jsonl").read_text().splitlines())}
+
+
+def test_settings_recipe_and_types():
+    c = T.parse_config([])
+    assert (c.model, c.lora_r, c.quant_type, c.double_quant) == ("tiny", 32, "nf4", True)
+    c = T.parse_config(["--model=7b"])  # the paper's Guanaco recipe
+    assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.lr, c.max_steps, c.max_grad_norm, c.beta2) == \
+        (64, 16.0, 0.1, 2e-4, 1875, 0.3, 0.999)
+    assert c.batch_size * c.grad_accum == 16 and c.grad_checkpoint and c.optimizer == "paged_adamw"
+    c = T.parse_config(["--model=65b", "--lr=3e-4", "--double_quant=false"])
+    assert (c.lora_dropout, c.lr, c.double_quant) == (0.05, 3e-4, False)
+    with pytest.raises(T.ConfigError, match="unknown setting '--learning_rate=1'"):
+        T.parse_config(["--learning_rate=1"])
+    with pytest.raises(T.ConfigError, match="--max_steps takes a int, not 'many'"):
+        T.parse_config(["--max_steps=many"])
+    with pytest.raises(T.ConfigError, match="--double_quant takes true or false"):
+        T.parse_config(["--double_quant=maybe"])
+    with pytest.raises(T.ConfigError, match="--quant_type must be one of"):
+        T.parse_config(["--quant_type=nf3"])
+    with pytest.raises(ValueError, match="valid presets"):
+        T.parse_config(["--model=7B"])
+
+
+def test_lr_schedule():
+    c = T.parse_config(["--model=7b"])  # 1875 steps, 3% warmup = 56 steps, then constant
+    assert T.get_lr(c, 0) == pytest.approx(2e-4 / 56) and T.get_lr(c, 55) == 2e-4 and T.get_lr(c, 1874) == 2e-4
+    c = T.parse_config(["--model=7b", "--schedule=cosine"])
+    assert T.get_lr(c, 56) == pytest.approx(2e-4) and T.get_lr(c, 1875) == pytest.approx(2e-5)
+
+
+# the paper's measured 4-bit base sizes (its Table 7 / Fig. 6), MB, for the README's comparison
+PAPER_4BIT_MB = {"7b": 5046, "13b": 8476, "33b": 19302, "65b": 37074}
+
+
+@pytest.mark.parametrize("preset", ["7b", "13b", "33b", "65b"])
+def test_estimate_plans(preset, capsys):
+    T.main([f"--model={preset}", "--estimate", "--batch_size=1", "--max_seq_len=512"])
+    out = capsys.readouterr().out
+    rows = {line[:50].strip(): float(line[50:].replace(",", "").split()[0]) for line in out.splitlines()
+            if line.endswith("MiB")}
+    base = rows["4-bit base weights"] + rows["quantization constants"] + \
+        rows["16-bit parameters (embeddings, norms, head)"]
+    print(f"{preset}: 4-bit base {base * 1.048576:,.0f} MB here, paper {PAPER_4BIT_MB[preset]:,} MB; "
+          f"total {rows['total'] / 1024:.1f} GiB")
+    assert "4.1270 bits per quantized parameter" in out
+    assert 0.6 * PAPER_4BIT_MB[preset] < base * 1.048576 < PAPER_4BIT_MB[preset]  # the paper counts more (see README)
+    if preset == "65b":
+        assert rows["total"] * 2**20 < 48e9  # fits a 48 GB GPU, the paper's claim
+
+
+def test_resume_after_sigkill_repeats_losses(tmp_path):
+    args = ["--max_steps=40", "--ckpt_interval=4", "--lora_dropout=0.1", "--batch_size=32", "--eval_answers=0",
+            "--log_interval=1000", "--eval_interval=1000", "--optimizer=paged_adamw"]
+    run_train(*args, f"--out_dir={tmp_path / 'ref'}")
+    ref = losses(tmp_path / "ref")
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:  # kill it mid-run, between checkpoints if it falls so
+        if (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 14:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = max(losses(out))
+    assert 14 <= killed_at < 40
+    # a kill during a checkpoint write leaves a half-written temporary folder: it must be ignored
+    half = out / f"ckpt-{(killed_at // 4 + 1) * 4:06d}.tmp"
+    half.mkdir(exist_ok=True)
+    (half / "trainer_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    run_train(*args, f"--out_dir={out}", "--resume")
+    assert losses(out) == ref  # exactly: same data order, dropout RNG, optimizer state and adapter
+
+
+def test_default_run_learns(tmp_path):
+    """A shortened default run: the validation loss falls by more than half."""
+    p = run_train("--max_steps=120", "--eval_interval=60", "--eval_answers=0", f"--out_dir={tmp_path}")
+    vals = [float(line.split()[-1]) for line in p.stdout.splitlines() if "val loss" in line]
+    print(p.stdout[-600:])
+    assert len(vals) == 2 and vals[-1] < 0.5 * vals[0] or vals[-1] < 1.0, vals
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "base" / "model.safetensors").exists()
+
+
+def test_finetune_real_pretrained_model(tmp_path):
+    """stories260K (a real pretrained LLaMA) from its HF files, NF4 + double quantization: held-out loss falls."""
+    from data.oasst1.prepare import prepare
+    stories = asset("stories260K")
+    prepare(input_path=ROOT / "data" / "sample" / "sample.trees.jsonl", tokenizer_path=stories / "tokenizer.model",
+            out_dir=tmp_path / "data", verbose=False)
+    p = run_train(f"--init_from={stories}", f"--data={tmp_path / 'data'}", "--max_steps=30", "--eval_interval=1",
+                  "--eval_batches=2", "--lr=3e-3", "--lora_r=8", "--lora_alpha=16", f"--out_dir={tmp_path / 'out'}",
+                  *FAST[:3])
+    vals = [float(line.split()[-1]) for line in p.stdout.splitlines() if "val loss" in line]
+    print(f"stories260K held-out loss: step 1 {vals[0]:.3f} -> step 30 {vals[-1]:.3f}")
+    assert vals[-1] < vals[0] - 0.5
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = T.M.Transformer.forward
+
+    def poisoned(self, idx, pos=None):  # from the 7th forward on, the model yields NaN
+        calls["n"] += 1
+        out = forward(self, idx, pos)
+        return out * float("nan") if calls["n"] > 6 and self.training else out
+    monkeypatch.setattr(T.M.Transformer, "forward", poisoned)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(T.TrainingError, match=r"non-finite loss at step 7.*Last good checkpoint: .*ckpt-000005"):
+        T.train(T.parse_config([*FAST, "--max_steps=20", "--ckpt_interval=5", f"--out_dir={tmp_path}"]))
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000005"]
+    assert torch.load(tmp_path / "ckpt-000005" / "trainer_state.pt", weights_only=True)["step"] == 5
+
+
+def test_missing_weights_and_wrong_checkpoint_and_unknown_setting(tmp_path):
+    p = run_train("--model=7b", f"--init_from={tmp_path / 'nowhere'}", check=False)
+    assert p.returncode == 1 and "error: weights for --model=7b not found" in p.stderr
+    assert "Hugging Face folder" in p.stderr and "Traceback" not in p.stderr
+    p = run_train("--model=7b", check=False)
+    assert p.returncode == 1 and "needs pretrained weights: pass --init_from" in p.stderr
+    p = run_train("--lr_max=1", check=False)
+    assert p.returncode == 1 and "unknown setting '--lr_max=1'" in p.stderr
+    run_train(*FAST, "--max_steps=2", "--ckpt_interval=2", f"--out_dir={tmp_path / 'run'}")
+    p = run_train(*FAST, "--max_steps=4", "--lora_r=8", "--resume", f"--out_dir={tmp_path / 'run'}", check=False)
+    assert p.returncode == 1 and "checkpoint has lora_r=32, this run lora_r=8" in p.stderr

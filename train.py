@@ -1,0 +1,525 @@
+"""
+QLoRA fine-tuning: a frozen 4-bit (NF4 + double quantization) LLaMA, LoRA adapters on every linear layer, paged
+AdamW, one plain loop. Dettmers et al. 2023, arXiv 2305.14314; the loop follows nanoGPT's train.py.
+
+  python train.py                                                   # CPU demo: tiny model on data/sample
+  python train.py --model=7b --init_from=/path/to/llama-7b --data=oasst1   # the paper's Guanaco-7B recipe
+  python train.py --model=65b --estimate                            # memory plan only, no weights needed
+  torchrun --nproc_per_node=2 train.py ...                          # data parallel over the LoRA weights
+"""
+import importlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+import qlora as Q
+from data.batching import IGNORE, collate, length_grouped_batches, load_split, packed_batches
+from data.oasst1.prepare import file_sha256
+from paged_adamw import PagedAdamW
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Config:
+    # what to train (defaults: the CPU demo; LLaMA presets take the paper's recipe from RECIPE below)
+    model: str = "tiny"            # preset in model.PRESETS
+    init_from: str = ""            # weights dir: HF, Meta or bitsandbytes-4bit; "" = random frozen base (tiny only)
+    data: str = "sample"           # a folder under data/ with a prepare.py; prepared on first use
+    out_dir: str = "out"           # checkpoints, the final adapter, the 4-bit base of a random-init run
+    # the frozen base
+    quant_type: str = "nf4"        # nf4 | fp4 | int4 | none (plain 16-bit LoRA, for comparison)
+    double_quant: bool = True      # also quantize the absmax constants (8-bit, blocks of 256)
+    blocksize: int = 64            # elements per absmax
+    compute_dtype: str = "auto"    # auto: bfloat16 on CUDA, float32 on CPU
+    # LoRA
+    lora_r: int = 32
+    lora_alpha: float = 32.0       # scale = alpha / r
+    lora_dropout: float = 0.0
+    lora_dtype: str = "auto"       # auto: the compute dtype (16-bit adapters on CUDA, as the paper) | float32
+    target_modules: str = "all"    # all linear layers of the blocks (the paper), or e.g. "q_proj,v_proj"
+    # optimization
+    max_steps: int = 500
+    batch_size: int = 64           # sequences per micro-batch
+    grad_accum: int = 1            # micro-batches per optimizer step (per process)
+    lr: float = 1e-3
+    schedule: str = "constant"     # constant (the paper) | cosine, both after a linear warmup
+    warmup_ratio: float = 0.03
+    optimizer: str = "paged_adamw"  # paged_adamw | adamw (torch's)
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    max_grad_norm: float = 0.3
+    # data
+    max_seq_len: int = 256         # longer conversations are truncated
+    train_on: str = "assistant"    # assistant: replies + EOS in the loss | all: the whole conversation
+    group_by_length: bool = True   # batches of similar length (the paper); False: plain shuffle
+    packing: bool = False          # concatenate conversations into full rows instead of padding
+    grad_checkpoint: bool = False  # recompute each block in backward to save activation memory
+    # bookkeeping
+    eval_interval: int = 100       # steps between validation losses (fixed batches)
+    eval_batches: int = 4
+    log_interval: int = 10
+    ckpt_interval: int = 100       # steps between checkpoints (0: only at the end)
+    keep_ckpts: int = 3
+    resume: bool = False           # continue from the newest checkpoint in out_dir
+    eval_answers: int = 50         # held-out prompts answered before and after (exact match); 0 = skip
+    seed: int = 1337
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    estimate: bool = False         # print the memory plan and exit, without loading weights
+
+
+# the paper's Guanaco recipe (its Appendix B), for the LLaMA presets; 33b/65b use a lower lr and dropout
+RECIPE = dict(lora_r=64, lora_alpha=16.0, lora_dropout=0.1, lr=2e-4, batch_size=1, grad_accum=16, max_steps=1875,
+              max_seq_len=512, grad_checkpoint=True, eval_interval=200, ckpt_interval=250, eval_answers=0)
+RECIPE_BIG = dict(RECIPE, lora_dropout=0.05, lr=1e-4)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def parse_config(argv):
+    """Defaults < the preset's recipe < --key=value flags, each checked against the field's type."""
+    flags = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in Config.__dataclass_fields__:
+            raise ConfigError(f"unknown setting {arg!r}; settings: {', '.join(f.name for f in fields(Config))}")
+        flags[key] = value if eq else "true"
+    name = flags.get("model", Config.model)
+    base = {} if name == "tiny" else RECIPE_BIG if name in ("33b", "65b") else RECIPE
+    cfg = Config(**base)
+    for key, value in flags.items():
+        kind = type(getattr(cfg, key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"--{key} takes true or false, not {value!r}")
+            value = value.lower() in ("true", "1")
+        else:
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ConfigError(f"--{key} takes a {kind.__name__}, not {value!r}") from None
+        setattr(cfg, key, value)
+    M.get_args(cfg.model)  # an unknown preset lists the valid ones
+    for key, allowed in (("quant_type", ("nf4", "fp4", "int4", "none")), ("schedule", ("constant", "cosine")),
+                         ("optimizer", ("paged_adamw", "adamw")), ("train_on", ("assistant", "all"))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
+    return cfg
+
+
+def get_lr(cfg, step):
+    """Linear warmup over warmup_ratio of the steps, then constant (the paper) or cosine to 10%."""
+    warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+# -----------------------------------------------------------------------------
+# model and data
+
+
+def check_weights(cfg):
+    """Before anything is loaded: is there a base model to train on?"""
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        raise M.CheckpointError(
+            f"weights for --model={cfg.model} not found: {cfg.init_from} is not a directory. Put the weights there: a "
+            "Hugging Face folder (config.json + model.safetensors[.index.json] or pytorch_model.bin), a Meta folder "
+            "(params.json + consolidated.NN.pth) or a bitsandbytes 4-bit folder (*-bnb-4bit), with tokenizer.model")
+    if not cfg.init_from and cfg.model != "tiny":
+        raise ConfigError(f"--model={cfg.model} needs pretrained weights: pass --init_from=DIR (a Hugging Face, "
+                          "Meta or bitsandbytes-4bit folder); only the tiny preset trains on a random base")
+
+
+def build_model(cfg, vocab_size, device, dtype, compute_dtype):
+    """Meta device -> 4-bit LoRA linears swapped in -> weights streamed and quantized one tensor at a time."""
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.target_modules,
+                quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
+                compute_dtype=compute_dtype)
+    if cfg.init_from:
+        path = Path(cfg.init_from)
+        model = Q.load_quantized(path, device=device, dtype=dtype, **lora)
+        if cfg.model != "tiny" and (want := M.get_args(cfg.model)).dim != model.args.dim:
+            raise ConfigError(f"{path} holds a dim {model.args.dim} model, not {cfg.model} (dim {want.dim})")
+    else:
+        torch.manual_seed(cfg.seed)  # a random frozen base, reproducible from the seed
+        model = M.Transformer(M.get_args("tiny", vocab_size=vocab_size)).to(device=device, dtype=dtype)
+        Q.add_lora(model, **lora)
+    set_lora_dtype(model, cfg, compute_dtype)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    return model
+
+
+def set_lora_dtype(model, cfg, compute_dtype):
+    """The paper trains 16-bit adapters (AdamW's moments stay fp32); float32 keeps fp32 master weights instead."""
+    dtype = compute_dtype if cfg.lora_dtype == "auto" else getattr(torch, cfg.lora_dtype)
+    for m in Q.linears_4bit(model).values():
+        if m.r:
+            m.lora_A.to(dtype)
+            m.lora_B.to(dtype)
+
+
+def get_data(cfg, tokenizer_path):
+    """data/<name>/ prepared for this tokenizer and loss mode, (re)prepared when missing or stale; or --data=<path>
+    of a folder that data/*/prepare.py already wrote."""
+    folder = ROOT / "data" / cfg.data
+    want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=cfg.train_on)
+    meta = folder / "meta.json"
+    if (folder / "prepare.py").exists():
+        if not meta.exists() or any(json.loads(meta.read_text()).get(k) != v for k, v in want.items()):
+            if is_main():  # one process prepares, the others wait for it
+                importlib.import_module(f"data.{cfg.data}.prepare").prepare(
+                    tokenizer_path=tokenizer_path, out_dir=folder, train_on=cfg.train_on)
+            barrier()
+    elif (Path(cfg.data) / "meta.json").exists():
+        folder, meta = Path(cfg.data), Path(cfg.data) / "meta.json"
+        if bad := [k for k, v in want.items() if json.loads(meta.read_text()).get(k) != v]:
+            raise ConfigError(f"{meta}: prepared with another {' and '.join(bad)} than this run's; prepare it again")
+    else:
+        raise ConfigError(f"no dataset {cfg.data!r}: neither {folder}/prepare.py nor a prepared folder (meta.json)")
+    return load_split(folder, "train"), load_split(folder, "val")
+
+
+def micro_batches(cfg, ds, epoch):
+    """The epoch's micro-batches as (input_ids, targets), in a fixed order given (seed, epoch)."""
+    if cfg.packing:
+        return packed_batches(ds, cfg.batch_size, cfg.max_seq_len, cfg.seed, epoch)
+    if cfg.group_by_length:
+        order = length_grouped_batches(ds, cfg.batch_size, cfg.seed, epoch)
+    else:
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        order = [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+    return [collate([ds[i] for i in b], ds.pad_id, cfg.max_seq_len) for b in order]
+
+
+class MicroBatches:
+    """Micro-batch n of one global sequence that runs through the epochs. Step s uses numbers [s*G*W, (s+1)*G*W):
+    rank r takes its contiguous G of them, so W ranks see exactly what one process with G*W micro-batches would."""
+    def __init__(self, cfg, ds):
+        self.cfg, self.ds, self.epoch, self.batches = cfg, ds, None, None
+
+    def __getitem__(self, n):
+        per_epoch = len(self.batches) if self.batches is not None else len(micro_batches(self.cfg, self.ds, 0))
+        if per_epoch == 0:
+            raise ConfigError(f"data/{self.cfg.data}: the train split yields no batch of {self.cfg.batch_size}")
+        epoch, i = divmod(n, per_epoch)
+        if epoch != self.epoch:  # a new shuffle every epoch, fixed by (seed, epoch)
+            self.epoch, self.batches = epoch, micro_batches(self.cfg, self.ds, epoch)
+        return self.batches[i]
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, device):
+    """Mean loss per trained token over fixed validation batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        logits = model(x.to(device))
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        count += int((y != IGNORE).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def answer_accuracy(model, ds, n, device, max_new=12):
+    """Exact-match accuracy of greedy answers to the first n held-out prompts (first exchange of each)."""
+    model.eval()
+    correct = 0
+    examples = [ds.prompt_answer(i) for i in range(min(n, len(ds)))]
+    for prompt, answer in examples:
+        out = model.generate(torch.tensor([prompt], device=device), len(answer) + 2, eos_id=ds.eos_id)
+        correct += out[0, len(prompt):len(prompt) + len(answer) + 1].tolist() == answer + [ds.eos_id]
+    model.train()
+    return correct / max(len(examples), 1)
+
+# -----------------------------------------------------------------------------
+# memory plan
+
+
+def memory_plan(cfg, model, batch, seq, compute_bytes):
+    """Bytes of everything a training step holds: the model's own account (4-bit weights, constants, 16-bit
+    parameters, LoRA) plus LoRA gradients, AdamW's two fp32 moments and an estimate of the activations."""
+    a, args = Q.memory_account(model), model.args
+    lora = [p for p in model.parameters() if p.requires_grad]
+    lora_numel = sum(p.numel() for p in lora)
+    tokens = batch * seq
+    # per block, the tensors autograd keeps (elements per token): norms, q/k/v/attention/o (about 10 * dim),
+    # the SwiGLU's gate, up, silu and product (4 * hidden), LoRA dropout copies of the 7 inputs when dropout > 0
+    block = tokens * (10 * args.dim + 4 * args.hidden_dim + (6 * args.dim + args.hidden_dim) * (cfg.lora_dropout > 0))
+    # with checkpointing only each block's input stays, and one block is rebuilt at a time in backward
+    acts = (tokens * args.dim * args.n_layers + block) if cfg.grad_checkpoint else block * args.n_layers
+    logits = tokens * args.vocab_size * (compute_bytes + 4 + 4)  # logits, fp32 copy for the loss, its gradient
+    plan = {"4-bit base weights": a["quantized_bytes"], "quantization constants": a["constant_bytes"],
+            "16-bit parameters (embeddings, norms, head)": a["unquantized_bytes"], "LoRA parameters": a["lora_bytes"],
+            "LoRA gradients": sum(p.nbytes for p in lora), "optimizer states (2 x fp32)": lora_numel * 8,
+            f"activations, estimated (batch {batch} x {seq})": acts * compute_bytes + logits}
+    plan["total"] = sum(plan.values())
+    return plan, a
+
+
+def print_plan(plan, account):
+    print(f"memory plan ({account['bits_per_param']:.4f} bits per quantized parameter):")
+    for k, v in plan.items():
+        print(f"  {k:<48} {v / 2**20:>12,.1f} MiB")
+
+
+def estimate_only(cfg):
+    """--estimate: the plan for any preset on the meta device, no weights, no memory."""
+    compute = torch.bfloat16 if cfg.compute_dtype in ("auto", "bfloat16") else getattr(torch, cfg.compute_dtype)
+    with torch.device("meta"):
+        model = M.Transformer(M.get_args(cfg.model)).to(compute)
+        n_params = sum(p.numel() for p in model.parameters())
+        Q.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.target_modules,
+                   quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
+                   compute_dtype=compute)
+        set_lora_dtype(model, cfg, compute)
+    plan, account = memory_plan(cfg, model, cfg.batch_size, cfg.max_seq_len, compute.itemsize)
+    print(f"--model={cfg.model}: {n_params / 1e9:.2f}B parameters, {compute} compute, batch {cfg.batch_size} x "
+          f"{cfg.max_seq_len} tokens{', gradient checkpointing' if cfg.grad_checkpoint else ''}")
+    print_plan(plan, account)
+
+# -----------------------------------------------------------------------------
+# checkpoints: a directory per checkpoint, written under a temporary name and renamed (atomic on POSIX)
+
+
+def fsync_save(obj, path):
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(cfg, model, optimizer, step, base_path):
+    out = Path(cfg.out_dir)
+    final, tmp = out / f"ckpt-{step:06d}", out / f"ckpt-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    Q.save_adapter(model, tmp, base_model_name_or_path=base_path)  # PEFT format: adapter_model.safetensors + config
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    fsync_save(dict(optimizer=optimizer.state_dict(), step=step, config=asdict(cfg), rng=rng), tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # the checkpoint exists whole or not at all
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    for old in sorted(out.glob("ckpt-[0-9]*[0-9]"))[:-cfg.keep_ckpts]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(out_dir):
+    done = sorted(p for p in Path(out_dir).glob("ckpt-[0-9]*[0-9]") if (p / "trainer_state.pt").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(cfg, model, path, compute_dtype):
+    """Check the checkpoint belongs to this run, load its adapter into the model; return the trainer state."""
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "init_from", "quant_type", "double_quant", "blocksize", "lora_r", "lora_alpha",
+                "target_modules", "data", "batch_size", "grad_accum", "seed"):
+        if state["config"].get(key) != getattr(cfg, key):
+            raise ConfigError(f"{path}: checkpoint has {key}={state['config'].get(key)!r}, this run {key}="
+                              f"{getattr(cfg, key)!r}; it comes from a different model or run: use another --out_dir")
+    Q.load_adapter(model, path)  # new lora_A / lora_B modules: the optimizer must be built after this
+    set_lora_dtype(model, cfg, compute_dtype)
+    return state
+
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on CUDA, gloo on CPU
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(x):
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # ru_maxrss is in KiB
+
+
+def pick_device(cfg, local_rank):
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def train(cfg):
+    check_weights(cfg)
+    world, rank, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), \
+        int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(cfg, local_rank)
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed + rank)
+    log = tqdm.write if is_main() else (lambda *a, **k: None)  # prints above the progress bar
+    if is_main():
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    compute = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.compute_dtype == "auto" \
+        else getattr(torch, cfg.compute_dtype)
+
+    # tokenizer -> data -> model (meta, 4-bit, LoRA) -> optimizer
+    tok_path = Path(cfg.init_from) / "tokenizer.model" if cfg.init_from else ROOT / "data" / cfg.data / "tokenizer.model"
+    if not tok_path.exists():
+        raise ConfigError(f"no tokenizer at {tok_path}: put the model's sentencepiece tokenizer.model there")
+    train_ds, val_ds = get_data(cfg, tok_path)
+    model = build_model(cfg, train_ds.meta["vocab_size"], device, compute, compute)
+    if model.args.vocab_size < train_ds.meta["vocab_size"]:
+        raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
+                          f"{model.args.vocab_size}")
+    base_path = cfg.init_from or str(Path(cfg.out_dir) / "base")
+    if not cfg.init_from and is_main():  # a random base is part of the result: keep it (4-bit, a few MB)
+        Q.save_quantized(model, base_path, tokenizer=tok_path)
+    state = None
+    if cfg.resume and (ckpt := latest_checkpoint(cfg.out_dir)) is not None:
+        state = load_checkpoint(cfg, model, ckpt, compute)
+        log(f"resuming from {ckpt} at step {state['step']}")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {cfg.out_dir}, starting at step 0")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = PagedAdamW(params, **opt_args) if cfg.optimizer == "paged_adamw" else \
+        torch.optim.AdamW(params, **opt_args)
+    step = 0
+    if state is not None:  # optimizer moments, step, and the RNG (dropout) exactly as they were
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    batches = MicroBatches(cfg, train_ds)
+    val_batches = [collate([val_ds[i] for i in range(s, min(s + cfg.batch_size, len(val_ds)))], val_ds.pad_id,
+                           cfg.max_seq_len) for s in range(0, len(val_ds), cfg.batch_size)][:cfg.eval_batches]
+
+    seq = batches[0][0].size(1)  # the longest batch comes first: the plan's activations are the step's worst
+    plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize)
+    if is_main():
+        print_plan(plan, account)
+    do_answers = cfg.eval_answers > 0 and is_main() and step == 0
+    if do_answers:
+        acc0 = answer_accuracy(model, val_ds, cfg.eval_answers, device)
+        log(f"held-out answers before fine-tuning: {acc0:.0%} exact")
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    G, losses, t0, n_seen = cfg.grad_accum, [], time.time(), 0
+    if is_main():  # the log keeps the steps up to where this run starts (a killed run may have logged past it)
+        logf = Path(cfg.out_dir) / "log.jsonl"
+        keep = [l for l in logf.read_text().splitlines() if json.loads(l)["step"] <= step] if logf.exists() else []
+        logf.write_text("".join(l + "\n" for l in keep))
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not is_main(), dynamic_ncols=True)
+    while step < cfg.max_steps:
+        for g in optimizer.param_groups:
+            g["lr"] = get_lr(cfg, step)
+        micro = [batches[step * G * world + rank * G + j] for j in range(G)]
+        # normalize by the trained tokens of the whole step, over all micro-batches and ranks
+        n_tokens = all_sum(torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in micro)))).item()
+        loss_sum = torch.zeros((), device=device)
+        for j, (x, y) in enumerate(micro):
+            sync = ddp.no_sync() if world > 1 and j < G - 1 else nullcontext()  # all-reduce once, at the end
+            with sync:
+                logits = ddp(x.to(device))
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE,
+                                       reduction="sum")
+                (loss * world / n_tokens).backward()  # DDP averages over ranks: * world makes it a sum
+            loss_sum += loss.detach()
+        step_loss = all_sum(loss_sum).item() / n_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            last = latest_checkpoint(cfg.out_dir)
+            raise TrainingError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step "
+                                f"{step + 1}; nothing was saved for it. Last good checkpoint: {last or 'none'}. "
+                                "Lower --lr or --max_grad_norm and resume with --resume")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(step_loss)
+        n_seen += sum(x.numel() for x, _ in micro)
+        bar.update(1)
+        if is_main():  # every step's loss, for plots and for checking that a resumed run repeats itself
+            with open(Path(cfg.out_dir) / "log.jsonl", "a") as f:
+                f.write(json.dumps(dict(step=step, loss=step_loss, lr=get_lr(cfg, step - 1))) + "\n")
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            dt = time.time() - t0
+            tokens_s = n_seen * world / dt
+            log(f"step {step}: loss {step_loss:.4f}, lr {get_lr(cfg, step - 1):.2e}, {tokens_s:,.0f} tok/s, "
+                f"peak {peak_memory(device)}")
+            t0, n_seen = time.time(), 0
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            log(f"step {step}: val loss {estimate_loss(model, val_batches, device):.4f}")
+        if is_main() and ((cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_steps):
+            save_checkpoint(cfg, model, optimizer, step, base_path)
+        barrier()
+    bar.close()
+    if is_main():
+        Q.save_adapter(model, Path(cfg.out_dir) / "adapter", base_model_name_or_path=base_path)
+        log(f"adapter (PEFT format) in {Path(cfg.out_dir) / 'adapter'}")
+        if device.type == "cuda":
+            log(f"measured peak: {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB allocated, "
+                f"{torch.cuda.max_memory_reserved(device) / 2**20:,.0f} MiB reserved")
+        if do_answers:
+            log(f"held-out answers: {acc0:.0%} before -> {answer_accuracy(model, val_ds, cfg.eval_answers, device):.0%}"
+                " after fine-tuning (exact match)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return losses
+
+
+def main(argv):
+    try:
+        cfg = parse_config(argv)
+        if cfg.estimate:
+            return estimate_only(cfg)
+        train(cfg)
+    except (ConfigError, TrainingError, M.CheckpointError) as e:
+        # every rank hits the same start-up error: say it once, and exit non-zero so torchrun stops the others
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,59 @@
+# Data parallel training with torchrun (gloo on CPU): W ranks with G micro-batches each train exactly what one
+# process with W*G micro-batches does; rank 0 alone writes checkpoints; resume restores every rank; a start-up
+# error ends the job once, without a hang.
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+COMMON = ["--batch_size=8", "--eval_answers=0", "--log_interval=1000", "--eval_interval=1000", "--lora_dropout=0"]
+TOL = 1e-4  # relative: the same sums, added in another order (all-reduce of two halves vs one process)
+
+
+def run(cmd, timeout=300):
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return p
+
+
+def torchrun(*args, timeout=300):
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args],
+               timeout)
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "log.jsonl").read_text().splitlines())}
+
+
+def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
+    single = run([sys.executable, "train.py", *COMMON, "--grad_accum=4", "--max_steps=8", "--ckpt_interval=0",
+                  f"--out_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ref = losses(tmp_path / "single")
+    # 2 ranks x 2 micro-batches: exercises no_sync on the first micro-batch and the all-reduce on the second
+    p = torchrun(*COMMON, "--grad_accum=2", "--max_steps=6", "--ckpt_interval=6", f"--out_dir={tmp_path / 'ddp'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp = losses(tmp_path / "ddp")
+    assert sorted(ddp) == list(range(1, 7))
+    for s in ddp:
+        assert ddp[s] == pytest.approx(ref[s], rel=TOL), (s, ddp[s], ref[s])
+    assert [d.name for d in (tmp_path / "ddp").glob("ckpt-*")] == ["ckpt-000006"]  # rank 0 alone wrote it
+    # resume every rank from that checkpoint and go on to step 8: the same losses as the uninterrupted process
+    p = torchrun(*COMMON, "--grad_accum=2", "--max_steps=8", "--ckpt_interval=6", "--resume",
+                 f"--out_dir={tmp_path / 'ddp'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout + p.stderr
+    ddp = losses(tmp_path / "ddp")
+    assert sorted(ddp) == list(range(1, 9))
+    for s in (7, 8):
+        assert ddp[s] == pytest.approx(ref[s], rel=TOL), (s, ddp[s], ref[s])
+    print("losses, 1 process x 4 vs 2 ranks x 2:", [(round(ref[s], 5), round(ddp[s], 5)) for s in ddp])
+
+
+def test_rank_failing_at_startup_ends_the_job_once(tmp_path):
+    p = torchrun("--model=7b", f"--init_from={tmp_path / 'nowhere'}", timeout=120)  # a hang would time out
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert out.count("error: weights for --model=7b not found") == 1, out[-3000:]

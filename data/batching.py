@@ -1,0 +1,105 @@
+"""
+Batches for training from a split written by data/<name>/prepare.py (see data/oasst1/prepare.py for the format).
+
+  ds = load_split("data/sample", "train")                            # memory-mapped, ds[i] -> (tokens, mask)
+  for idx in length_grouped_batches(ds, batch_size=16, seed=0, epoch=0):
+      x, y = collate([ds[i] for i in idx], ds.pad_id, max_len=512)    # (B, T) inputs, (B, T) targets, -100 = no loss
+  for x, y in packed_batches(ds, batch_size=16, block_size=512, seed=0, epoch=0): ...
+
+Group-by-length is the QLoRA paper's (and Hugging Face's `group_by_length`): batches of similar length waste little
+on padding, and the longest batch goes first so an out-of-memory shows at step 1, not hours in.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE = -100  # target value that cross_entropy(ignore_index=-100) skips
+TRAIN, ASSISTANT = 1, 2  # bits of the .mask.bin flags (as in data/oasst1/prepare.py)
+
+
+def _map(path, dtype):
+    # np.memmap refuses empty files (an empty val split of a tiny input)
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
+class Split:
+    """One prepared split: conversation i is (tokens int64 (L,), mask bool (L,)), mask = in the loss."""
+    def __init__(self, dir, split):
+        dir = Path(dir)
+        self.meta = json.loads((dir / "meta.json").read_text())
+        self.tokens = _map(dir / f"{split}.bin", np.dtype(self.meta["dtype"]))
+        self.flags = _map(dir / f"{split}.mask.bin", np.uint8)
+        self.offsets = np.fromfile(dir / f"{split}.idx.bin", dtype=np.int64)
+        assert len(self.tokens) == len(self.flags) == self.offsets[-1], f"{dir}/{split}.*: files disagree in length"
+        self.lengths = np.diff(self.offsets)  # tokens per conversation, for grouping by length
+        self.bos_id, self.eos_id, self.pad_id = self.meta["bos_id"], self.meta["eos_id"], self.meta["pad_id"]
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self): raise IndexError(i)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        tokens = torch.from_numpy(self.tokens[a:b].astype(np.int64))
+        mask = torch.from_numpy((self.flags[a:b] & TRAIN) > 0)
+        return tokens, mask
+
+    def prompt_answer(self, i):
+        """(prompt ids: BOS .. '### Assistant:', answer ids without EOS) of the first exchange, for exact-match eval."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        tokens, role = self.tokens[a:b].astype(np.int64), (self.flags[a:b] & ASSISTANT) > 0
+        start = int(role.argmax())  # first assistant token; the reply runs until its EOS
+        end = start + int(np.argmax(tokens[start:] == self.eos_id))
+        return tokens[:start].tolist(), tokens[start:end].tolist()
+
+
+def load_split(dir, split):
+    return Split(dir, split)
+
+
+def length_grouped_batches(dataset, batch_size, seed, epoch, mega_batches=50):
+    """Lists of indices: shuffle, sort by length within chunks of `mega_batches` batches, shuffle batch order,
+    longest batch first. Every index appears once; one batch (the end of the last chunk) may be short."""
+    rng = np.random.default_rng([seed, epoch])  # a new order every epoch, the same for the same (seed, epoch)
+    perm, chunk, batches = rng.permutation(len(dataset)), batch_size * mega_batches, []
+    for s in range(0, len(perm), chunk):
+        mega = perm[s:s + chunk]
+        mega = mega[np.argsort(-dataset.lengths[mega], kind="stable")]  # longest first within the chunk
+        batches += [mega[i:i + batch_size].tolist() for i in range(0, len(mega), batch_size)]
+    batches = [batches[j] for j in rng.permutation(len(batches))]
+    if not batches: return []
+    longest = int(np.argmax([dataset.lengths[b].max() for b in batches]))  # first batch holding the longest
+    batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def collate(examples, pad_id, max_len):
+    """(input_ids, targets), both (B, T) int64 with T = min(max_len, longest - 1): input = tokens[:-1],
+    target = tokens[1:] where the target token is in the loss, else IGNORE; padding is pad_id / IGNORE."""
+    T = min(max_len, max(len(t) for t, _ in examples) - 1)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for b, (tokens, mask) in enumerate(examples):
+        n = min(len(tokens) - 1, T)  # truncation keeps the beginning (the prompt), may cut the reply
+        x[b, :n] = tokens[:n]
+        y[b, :n] = torch.where(mask[1:n + 1], tokens[1:n + 1], IGNORE)  # the mask of the *target* position
+    return x, y
+
+
+def packed_batches(dataset, batch_size, block_size, seed, epoch):
+    """List of (input_ids, targets), (B, block_size): shuffled conversations concatenated into one stream and cut
+    into rows, no padding. Attention is NOT blocked at document boundaries (as in nanoGPT and HF packing); each
+    conversation starts with BOS, so a block-diagonal mask can be built from segment ids (x == bos_id).cumsum(-1).
+    The loss never crosses a boundary: the target after an EOS is the next BOS, which is never in the loss.
+    The tail that does not fill a whole batch is dropped."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
+    o = dataset.offsets
+    tokens = np.concatenate([dataset.tokens[o[i]:o[i + 1]] for i in order] + [np.zeros(0, np.int64)]).astype(np.int64)
+    flags = np.concatenate([dataset.flags[o[i]:o[i + 1]] for i in order] + [np.zeros(0, np.uint8)])
+    targets = np.where((flags & TRAIN) > 0, tokens, IGNORE)
+    rows = max(len(tokens) - 1, 0) // block_size  # row r reads tokens[r*T : r*T+T], predicts the next T
+    x = torch.from_numpy(tokens[:rows * block_size].reshape(rows, block_size))
+    y = torch.from_numpy(targets[1:rows * block_size + 1].reshape(rows, block_size))
+    return [(x[r:r + batch_size], y[r:r + batch_size]) for r in range(0, rows - batch_size + 1, batch_size)]

@@ -1,0 +1,293 @@
+"""
+Prepare OpenAssistant (OASST1) conversations for QLoRA fine-tuning, the way Guanaco was built (Dettmers et al. 2023).
+
+  python data/oasst1/prepare.py --tokenizer=path/to/llama/tokenizer.model               # downloads the release
+  python data/oasst1/prepare.py --input=2023-04-12_oasst_ready.trees.jsonl.gz --tokenizer=... --langs=en,es
+
+Reads any of the release's forms, detected from the first line: trees (`prompt` with nested `replies`), nested
+messages (a root message with `replies`), flat messages (one per line with `parent_id`), plain or .gz, or
+Guanaco's text rows ({"text": "### Human: ...### Assistant: ..."}). From each tree it follows the best reply down:
+rank 0 first; unranked siblings after ranked ones, ties broken by message_id so every file order gives the same
+pick. Deleted messages and those that failed review are dropped; a trailing question with no usable answer is cut.
+Text is Guanaco's exact format, turns joined with no newline: "### Human: Hi### Assistant: Hello### Human: ...".
+Tokens: BOS, then per exchange encode("### Human: {prompt}### Assistant:") + encode("{reply}") + [EOS]; the
+reply's leading space comes from sentencepiece's dummy prefix, as in encode("### Assistant: Hello").
+
+Writes to --out_dir, per split (train, val; ~5% of trees by a hash of message_tree_id):
+  {split}.bin       tokens, uint16 (uint32 if the vocabulary has more than 65536 entries)
+  {split}.mask.bin  uint8 flags per token: bit 0 = in the loss, bit 1 = assistant span (reply + its EOS)
+  {split}.idx.bin   int64 offsets, N+1 entries: conversation i is tokens[idx[i]:idx[i+1]]
+  meta.json         tokenizer sha256, vocab size, special ids, dtype, counts, token statistics
+The 2023-04-12 ready release holds 10,364 trees (88,838 messages); Guanaco took one conversation from each,
+9,846 train + 518 test (its own split; ours is by hash, the same ~5% but not the same trees).
+"""
+import gzip, hashlib, inspect, json, re, sys, urllib.request
+from collections import Counter, namedtuple
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+HERE = Path(__file__).resolve().parent
+URL = "https://huggingface.co/datasets/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz"
+SHA256 = "2a9a8fd343e9b28e04a895a669d3253f82d93e9c174d440199ae19d5fafbdff7"  # 34,145,252 bytes
+TRAIN, ASSISTANT = 1, 2  # bits of the mask file
+Conversation = namedtuple("Conversation", "tree_id turns")  # turns: ((role, text), ...), prompter first
+
+
+class DataError(ValueError):
+    """A problem in an input file; `line` points at the message that caused it when known."""
+    def __init__(self, msg, line=None):
+        super().__init__(msg)
+        self.line = line
+
+
+def render(turns):
+    # Guanaco's text column: no newline or separator between turns
+    return "".join(("### Human: " if r == "prompter" else "### Assistant: ") + t for r, t in turns)
+
+
+def split_of(tree_id, val_fraction=0.05):
+    # a hash of the tree id, not file order: stable across runs, formats and subsets of the release
+    h = int.from_bytes(hashlib.sha256(tree_id.encode()).digest()[:8], "big")
+    return "val" if h % 10_000 < val_fraction * 10_000 else "train"
+
+
+# ----------------------------------------------------------------------------- reading the release forms
+
+def detect_form(obj):
+    if not isinstance(obj, dict): return None
+    if "prompt" in obj: return "trees"
+    if "replies" in obj: return "nested"
+    if "parent_id" in obj: return "flat"
+    if "text" in obj and "role" not in obj: return "guanaco"
+    return None
+
+
+def need(m, *fields):
+    # only what the rules use is required; user_id, dates, labels, detoxify... may be absent
+    for f in fields:
+        if f not in m:
+            raise DataError(f"missing field {f!r} in message {m.get('message_id', '?')}", m.get("_line"))
+    if "text" in fields and not isinstance(m["text"], str):
+        raise DataError(f"'text' of message {m.get('message_id', '?')} is not a string", m.get("_line"))
+
+
+def usable(m):
+    # the ready release already removes most of these; null review_result (not reviewed yet) counts as passed
+    return m.get("deleted") is not True and m.get("review_result") is not False
+
+
+def best_path(root, stats):
+    """Follow the best-ranked usable reply from the root down; returns the (role, text) turns."""
+    need(root, "message_id", "role", "text", "replies")
+    if root["role"] != "prompter": raise DataError(f"root {root['message_id']} is not a prompter", root.get("_line"))
+    path = [root]
+    while True:
+        kids = path[-1]["replies"]
+        for k in kids: need(k, "message_id", "role", "text", "replies")
+        good = [k for k in kids if usable(k)]
+        stats["dropped replies (deleted or failed review)"] += len(kids) - len(good)
+        if not good: break
+        # rank 0 is best; unranked (null/absent) after ranked; message_id breaks ties independent of file order
+        best = min(good, key=lambda k: (k.get("rank") is None, k.get("rank") or 0, k["message_id"]))
+        want = "assistant" if path[-1]["role"] == "prompter" else "prompter"
+        if best["role"] != want: raise DataError(f"message {best['message_id']} should be {want}", best.get("_line"))
+        path.append(best)
+    if path[-1]["role"] == "prompter": path.pop()  # an unanswered question teaches nothing
+    return tuple((m["role"], m["text"]) for m in path)
+
+
+def to_conversation(tree_id, root, state, langs, stats):
+    stats["trees"] += 1
+    if state not in (None, "ready_for_export"): stats["dropped trees (not ready_for_export)"] += 1; return None
+    if langs:
+        need(root, "lang")
+        if root["lang"] not in langs: stats["dropped trees (language)"] += 1; return None
+    if not usable(root): stats["dropped trees (deleted or failed review)"] += 1; return None
+    turns = best_path(root, stats)
+    if not turns: stats["dropped trees (no usable reply)"] += 1; return None
+    return Conversation(tree_id, turns)
+
+
+def from_guanaco(obj, langs, stats):
+    if langs: raise DataError("the language filter needs 'lang', which Guanaco text rows lack")
+    need(obj, "text")
+    stats["trees"] += 1
+    # "### Human: a### Assistant: b..." -> ['', 'Human', 'a', 'Assistant', 'b', ...]
+    parts = re.split(r"### (Human|Assistant): ", obj["text"])
+    roles = parts[1::2]
+    if parts[0] or roles != ["Human", "Assistant"] * (len(roles) // 2) + ["Human"] * (len(roles) % 2):
+        raise DataError("text is not '### Human: ...### Assistant: ...' alternating from Human")
+    turns = [("prompter" if r == "Human" else "assistant", t) for r, t in zip(roles, parts[2::2])]
+    turns = turns[:len(turns) // 2 * 2]  # cut an unanswered question
+    if not turns: stats["dropped trees (no usable reply)"] += 1; return None
+    # no tree id in this form: the text's hash stands in for it (so its split differs from the tree forms')
+    return Conversation(hashlib.sha256(obj["text"].encode()).hexdigest(), tuple(turns))
+
+
+def read_conversations(path, langs=(), skip_bad=False):
+    """(conversations sorted by tree id, the form, a Counter of what was read and dropped). Sorting makes every
+    form and file order give the same output files."""
+    path, stats, convs, flat, form = Path(path), Counter(), [], {}, None
+    opener = gzip.open if path.suffix == ".gz" else open
+
+    def bad(e, lineno):
+        if not skip_bad: raise DataError(f"{path}:{e.line or lineno}: {e}") from e
+        stats["skipped bad lines (--skip_bad)"] += 1
+
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip(): continue
+            try:
+                try: obj = json.loads(line)
+                except json.JSONDecodeError as e: raise DataError(f"malformed JSON ({e})")
+                kind = detect_form(obj)
+                if kind is None:
+                    raise DataError(f"unknown form ({str(obj)[:60]}...): expected a tree with 'prompt', a message "
+                                    "with 'replies', a flat message with 'parent_id' or a Guanaco row with 'text'")
+                if form not in (None, kind): raise DataError(f"a {kind} line in a file of {form} lines")
+                form = kind
+                if kind == "flat":  # collect now, link parents to children once all lines are read
+                    need(obj, "message_id", "parent_id", "role", "text")
+                    if obj["message_id"] in flat: raise DataError(f"duplicate message_id {obj['message_id']}")
+                    flat[obj["message_id"]] = dict(obj, replies=[], _line=lineno)
+                    continue
+                if kind == "guanaco": conv = from_guanaco(obj, langs, stats)
+                elif kind == "trees":
+                    need(obj, "message_tree_id")
+                    conv = to_conversation(obj["message_tree_id"], obj["prompt"], obj.get("tree_state"), langs, stats)
+                else:  # a nested message tree; OASST's tree id is its root's message id
+                    conv = to_conversation(obj.get("message_tree_id", obj.get("message_id")), obj, None, langs, stats)
+                if conv: convs.append(conv)
+            except DataError as e:
+                bad(e, lineno)
+    if form == "flat":
+        roots = [m for m in flat.values() if m["parent_id"] is None]
+        for m in flat.values():
+            if m["parent_id"] is not None:
+                if m["parent_id"] in flat: flat[m["parent_id"]]["replies"].append(m)
+                else: stats["orphan messages (parent not in file)"] += 1
+        for r in roots:
+            try:
+                tree_id = r.get("message_tree_id") or r["message_id"]
+                conv = to_conversation(tree_id, r, r.get("tree_state"), langs, stats)
+                if conv: convs.append(conv)
+            except DataError as e:
+                bad(e, r["_line"])
+    stats["conversations"] = len(convs)
+    convs.sort(key=lambda c: c.tree_id)
+    if not convs: raise DataError(f"{path}: no conversations in the file ({form or 'empty'} form; {dict(stats)})")
+    return convs, form, stats
+
+
+# ----------------------------------------------------------------------------- tokenizing and writing
+
+def tokenize(sp, turns, train_on="assistant"):
+    """Token ids and mask flags of one conversation: BOS, then per exchange human+marker, reply, EOS."""
+    ids, flags = [sp.bos_id()], [0]  # BOS is never a target
+    human = TRAIN if train_on == "all" else 0
+    for i in range(0, len(turns), 2):
+        (_, prompt), (_, reply) = turns[i], turns[i + 1]
+        part = sp.encode(f"### Human: {prompt}### Assistant:")
+        ids += part; flags += [human] * len(part)
+        part = sp.encode(reply) + [sp.eos_id()]  # EOS ends every reply and is always trained on
+        ids += part; flags += [TRAIN | ASSISTANT] * len(part)
+    return ids, flags
+
+
+def download(url=URL, sha256=SHA256, dest=HERE / URL.rsplit("/", 1)[1]):
+    if dest.exists() and file_sha256(dest) == sha256: return dest
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r: data = r.read()
+    except OSError as e:  # URLError, timeouts, no network
+        raise DataError(f"could not download {url} ({e}). Offline? Fetch that file elsewhere and pass it with "
+                        f"--input=path/to/{dest.name} (a .messages.jsonl(.gz) or Guanaco .jsonl file works too)") from e
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"sha256 of {url} is {hashlib.sha256(data).hexdigest()}, expected {sha256}")
+    part = dest.with_name(dest.name + ".part")
+    part.write_bytes(data)
+    return part.replace(dest)  # only a verified, whole file gets the real name
+
+
+def file_sha256(p):
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assistant", langs="", val_fraction=0.05,
+            skip_bad=False, verbose=True):
+    """Read, split, tokenize and write one release file; returns the meta dict (also written to meta.json)."""
+    log = print if verbose else (lambda *a: None)
+    if train_on not in ("assistant", "all"): raise ValueError(f"train_on is 'assistant' or 'all', not {train_on!r}")
+    if tokenizer_path is None: raise ValueError("pass the model's sentencepiece file: --tokenizer=.../tokenizer.model")
+    input_path = Path(input_path) if input_path else download()
+    for p in (input_path, Path(tokenizer_path)):
+        if not p.is_file(): raise DataError(f"{p}: no such file")
+    langs = tuple(langs.split(",")) if isinstance(langs, str) and langs else tuple(langs or ())
+    convs, form, stats = read_conversations(input_path, langs, skip_bad)
+    log(f"read {input_path} ({form} form): " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    # LLaMA's tokenizer has no pad piece (pad_id -1): pad with unk (0) then; never with EOS, which must stay meaningful
+    pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()
+    if min(sp.bos_id(), sp.eos_id(), pad_id) < 0 or pad_id == sp.eos_id():
+        raise ValueError(f"{tokenizer_path}: needs bos, eos and a pad (or unk) id that is not eos")
+    dtype = np.uint16 if sp.vocab_size() <= 2**16 else np.uint32
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(format="guanaco: BOS, then per exchange '### Human: {prompt}### Assistant:' + ' {reply}' + EOS",
+                input=input_path.name, input_sha256=file_sha256(input_path), input_form=form,
+                tokenizer_sha256=file_sha256(tokenizer_path), vocab_size=sp.vocab_size(), bos_id=sp.bos_id(),
+                eos_id=sp.eos_id(), pad_id=pad_id, dtype=np.dtype(dtype).name, train_on=train_on, langs=list(langs),
+                val_fraction=val_fraction, mask_bits=dict(train=TRAIN, assistant=ASSISTANT),
+                counts=dict(stats), splits={})
+    for split in ("train", "val"):
+        ids, flags, offsets = [], [], [0]
+        for c in convs:
+            if split_of(c.tree_id, val_fraction) != split: continue
+            i, f = tokenize(sp, c.turns, train_on)
+            ids += i; flags += f; offsets.append(len(ids))
+        ids, flags, offsets = np.array(ids, dtype), np.array(flags, np.uint8), np.array(offsets, np.int64)
+        ids.tofile(out_dir / f"{split}.bin"); flags.tofile(out_dir / f"{split}.mask.bin")
+        offsets.tofile(out_dir / f"{split}.idx.bin")
+        lens = np.diff(offsets) if len(offsets) > 1 else np.zeros(1, np.int64)  # zeros: stats of an empty split
+        s = dict(conversations=len(offsets) - 1, tokens=len(ids), trained_tokens=int((flags & TRAIN).sum()),
+                 min_len=int(lens.min()), mean_len=round(float(lens.mean()), 1),
+                 p95_len=int(np.percentile(lens, 95)), max_len=int(lens.max()))
+        meta["splits"][split] = s
+        log(f"{split}: {s['conversations']:,} conversations, {s['tokens']:,} tokens "
+            f"({s['trained_tokens'] / max(s['tokens'], 1):.0%} in the loss), "
+            f"length min/mean/p95/max {s['min_len']}/{s['mean_len']}/{s['p95_len']}/{s['max_len']}")
+        if not s["conversations"]: log(f"warning: the {split} split is empty")
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"example: {render(convs[0].turns)[:160]!r}")
+    log(f"wrote {{train,val}}.bin, .mask.bin, .idx.bin and meta.json to {out_dir} ({meta['dtype']} tokens)")
+    return meta
+
+
+def main(argv=None, **defaults):
+    """`--key=value` flags over prepare()'s own defaults (data/sample/prepare.py passes other ones)."""
+    config = {k: p.default for k, p in inspect.signature(prepare).parameters.items() if k != "verbose"} | defaults
+    aliases = {"input": "input_path", "tokenizer": "tokenizer_path"}  # the short flag names
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        key = aliases.get(key, key)
+        old = config.get(key, ...)
+        if isinstance(old, bool) and not eq: value = "True"  # a bare --skip_bad
+        elif not arg.startswith("--") or old is ... or not eq:
+            flags = " ".join(f"--{k}=" for k in ["input", "tokenizer", *list(config)[2:]])
+            sys.exit(f"bad argument {arg!r}; flags: {flags}")
+        try:  # the type of the default decides: bool, float or text
+            if isinstance(old, bool): config[key] = {"True": True, "False": False}[value]
+            elif isinstance(old, float): config[key] = float(value)
+            else: config[key] = value
+        except (KeyError, ValueError):
+            sys.exit(f"--{key} takes a {type(old).__name__}, not {value!r}")
+    try:
+        prepare(**config)
+    except ValueError as e:  # DataError included: a message naming the file and line, no traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

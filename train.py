@@ -52,7 +52,7 @@ class Config:
     lora_dtype: str = "auto"       # auto: the compute dtype (16-bit adapters on CUDA, as the paper) | float32
     target_modules: str = "all"    # all linear layers of the blocks (the paper), or e.g. "q_proj,v_proj"
     # optimization
-    max_steps: int = 500
+    max_steps: int = 1000
     batch_size: int = 64           # sequences per micro-batch
     grad_accum: int = 1            # micro-batches per optimizer step (per process)
     lr: float = 1e-3
@@ -66,7 +66,8 @@ class Config:
     # data
     max_seq_len: int = 256         # longer conversations are truncated
     train_on: str = "assistant"    # assistant: replies + EOS in the loss | all: the whole conversation
-    group_by_length: bool = True   # batches of similar length (the paper); False: plain shuffle
+    group_by_length: bool = False  # batches of similar length (the paper's, on for the presets); the demo's
+                                   # tasks differ in length, so grouping would make one-task batches
     packing: bool = False          # concatenate conversations into full rows instead of padding
     grad_checkpoint: bool = False  # recompute each block in backward to save activation memory
     # bookkeeping
@@ -84,7 +85,8 @@ class Config:
 
 # the paper's Guanaco recipe (its Appendix B), for the LLaMA presets; 33b/65b use a lower lr and dropout
 RECIPE = dict(lora_r=64, lora_alpha=16.0, lora_dropout=0.1, lr=2e-4, batch_size=1, grad_accum=16, max_steps=1875,
-              max_seq_len=512, grad_checkpoint=True, eval_interval=200, ckpt_interval=250, eval_answers=0)
+              max_seq_len=512, grad_checkpoint=True, group_by_length=True, eval_interval=200, ckpt_interval=250,
+              eval_answers=0)
 RECIPE_BIG = dict(RECIPE, lora_dropout=0.05, lr=1e-4)
 
 
@@ -221,10 +223,11 @@ class MicroBatches:
         self.cfg, self.ds, self.epoch, self.batches = cfg, ds, None, None
 
     def __getitem__(self, n):
-        per_epoch = len(self.batches) if self.batches is not None else len(micro_batches(self.cfg, self.ds, 0))
-        if per_epoch == 0:
-            raise ConfigError(f"data/{self.cfg.data}: the train split yields no batch of {self.cfg.batch_size}")
-        epoch, i = divmod(n, per_epoch)
+        if self.batches is None:
+            self.epoch, self.batches = 0, micro_batches(self.cfg, self.ds, 0)
+        if not self.batches:
+            raise ConfigError(f"data {self.cfg.data!r}: the train split yields no batch of {self.cfg.batch_size}")
+        epoch, i = divmod(n, len(self.batches))  # every epoch has the same number of micro-batches
         if epoch != self.epoch:  # a new shuffle every epoch, fixed by (seed, epoch)
             self.epoch, self.batches = epoch, micro_batches(self.cfg, self.ds, epoch)
         return self.batches[i]
@@ -245,7 +248,7 @@ def estimate_loss(model, batches, device):
 
 
 @torch.no_grad()
-def answer_accuracy(model, ds, n, device, max_new=12):
+def answer_accuracy(model, ds, n, device):
     """Exact-match accuracy of greedy answers to the first n held-out prompts (first exchange of each)."""
     model.eval()
     correct = 0
@@ -409,8 +412,8 @@ def train(cfg):
         raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
                           f"{model.args.vocab_size}")
     base_path = cfg.init_from or str(Path(cfg.out_dir) / "base")
-    if not cfg.init_from and is_main():  # a random base is part of the result: keep it (4-bit, a few MB)
-        Q.save_quantized(model, base_path, tokenizer=tok_path)
+    if not cfg.init_from and is_main() and cfg.quant_type in ("nf4", "fp4"):  # a random base is part of the
+        Q.save_quantized(model, base_path, tokenizer=tok_path)  # result: keep it, in bitsandbytes' 4-bit format
     state = None
     if cfg.resume and (ckpt := latest_checkpoint(cfg.out_dir)) is not None:
         state = load_checkpoint(cfg, model, ckpt, compute)
@@ -437,6 +440,8 @@ def train(cfg):
     plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize)
     if is_main():
         print_plan(plan, account)
+    if step == 0:
+        log(f"step 0: val loss {estimate_loss(model, val_batches, device):.4f}")
     do_answers = cfg.eval_answers > 0 and is_main() and step == 0
     if do_answers:
         acc0 = answer_accuracy(model, val_ds, cfg.eval_answers, device)

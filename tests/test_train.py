@@ -33,7 +33,7 @@ def test_settings_recipe_and_types():
     c = T.parse_config(["--model=7b"])  # the paper's Guanaco recipe
     assert (c.lora_r, c.lora_alpha, c.lora_dropout, c.lr, c.max_steps, c.max_grad_norm, c.beta2) == \
         (64, 16.0, 0.1, 2e-4, 1875, 0.3, 0.999)
-    assert c.batch_size * c.grad_accum == 16 and c.grad_checkpoint and c.optimizer == "paged_adamw"
+    assert c.batch_size * c.grad_accum == 16 and c.grad_checkpoint and c.group_by_length and c.optimizer == "paged_adamw"
     c = T.parse_config(["--model=65b", "--lr=3e-4", "--double_quant=false"])
     assert (c.lora_dropout, c.lr, c.double_quant) == (0.05, 3e-4, False)
     with pytest.raises(T.ConfigError, match="unknown setting '--learning_rate=1'"):
@@ -102,11 +102,11 @@ def test_resume_after_sigkill_repeats_losses(tmp_path):
 
 
 def test_default_run_learns(tmp_path):
-    """A shortened default run: the validation loss falls by more than half."""
-    p = run_train("--max_steps=120", "--eval_interval=60", "--eval_answers=0", f"--out_dir={tmp_path}")
+    """A shortened default run: the held-out loss falls by at least 40% in 120 steps (measured: ~5.9 -> ~2.5)."""
+    p = run_train("--max_steps=120", "--eval_interval=120", "--eval_answers=0", f"--out_dir={tmp_path}")
     vals = [float(line.split()[-1]) for line in p.stdout.splitlines() if "val loss" in line]
-    print(p.stdout[-600:])
-    assert len(vals) == 2 and vals[-1] < 0.5 * vals[0] or vals[-1] < 1.0, vals
+    print(f"default run, held-out loss: step 0 {vals[0]:.3f} -> step 120 {vals[-1]:.3f}")
+    assert len(vals) == 2 and vals[-1] < 0.6 * vals[0], vals
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "base" / "model.safetensors").exists()
 
@@ -121,7 +121,7 @@ def test_finetune_real_pretrained_model(tmp_path):
                   "--eval_batches=2", "--lr=3e-3", "--lora_r=8", "--lora_alpha=16", f"--out_dir={tmp_path / 'out'}",
                   *FAST[:3])
     vals = [float(line.split()[-1]) for line in p.stdout.splitlines() if "val loss" in line]
-    print(f"stories260K held-out loss: step 1 {vals[0]:.3f} -> step 30 {vals[-1]:.3f}")
+    print(f"stories260K held-out loss: step 0 {vals[0]:.3f} -> step 30 {vals[-1]:.3f}")
     assert vals[-1] < vals[0] - 0.5
 
 
@@ -129,8 +129,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = T.M.Transformer.forward
 
-    def poisoned(self, idx, pos=None):  # from the 7th forward on, the model yields NaN
-        calls["n"] += 1
+    def poisoned(self, idx, pos=None):  # from the 7th training forward on, the model yields NaN
+        calls["n"] += self.training
         out = forward(self, idx, pos)
         return out * float("nan") if calls["n"] > 6 and self.training else out
     monkeypatch.setattr(T.M.Transformer, "forward", poisoned)

@@ -43,10 +43,16 @@ def dequantize_4bit_ref(packed, absmax, code, blocksize, numel, dtype,
     """packed: uint8 [(numel+1)//2] (any shape), absmax: fp32 [nblocks] or uint8 [nblocks] with double quantization,
     code: fp32 [16]. Returns a flat tensor of `numel` values in `dtype`: code[c] * absmax[block] in fp32, one cast."""
     a = _absmax_ref(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    p = packed.reshape(-1)
-    idx = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]  # high nibble first
-    scale = a.repeat_interleave(blocksize)[:numel]
-    return (code.float()[idx.long()] * scale).to(dtype)
+    # one lookup per byte: a 256-row table holds both nibbles' values (high nibble first), so a byte -> 2 values
+    byte = torch.arange(256, device=packed.device)
+    pairs = torch.stack([code.float()[byte >> 4], code.float()[byte & 0xF]], dim=1)  # (256, 2)
+    vals = pairs.index_select(0, packed.reshape(-1).int()).reshape(-1)  # (2 * nbytes,) fp32; index_select: 2x
+    # faster than pairs[idx] on CPU
+    nblocks = a.numel()
+    vals = torch.nn.functional.pad(vals, (0, nblocks * blocksize - vals.numel())) if vals.numel() < nblocks * \
+        blocksize else vals[: nblocks * blocksize]
+    out = vals.view(nblocks, blocksize) * a[:, None]  # the block scale broadcast, not repeated: fp32 products
+    return out.reshape(-1)[:numel].to(dtype)
 
 
 def _search_table(code):

@@ -217,7 +217,8 @@ class LoRALinear4bit(nn.Module):
     W lives in buffers (so it is frozen by construction, and moves with .to(device)) under bitsandbytes' names:
     the state dict holds `weight` (packed), `weight.absmax`, `weight.quant_map`, ... exactly as transformers saves
     a Linear4bit, and `lora_A.weight`, `lora_B.weight` as PEFT names them. B = 0 at init, so training starts from
-    the base model. compute_dtype None: bf16 on CUDA, fp32 elsewhere."""
+    the base model. compute_dtype None: bf16 on CUDA, fp32 elsewhere. quant_type "none" is the paper's 16-bit LoRA
+    baseline: `weight` stays the dense (out, in) frozen weight in the model's dtype, multiplied by F.linear."""
 
     def __init__(self, in_features, out_features, r=64, alpha=16, dropout=0.1, quant_type="nf4", blocksize=64,
                  double_quant=True, compute_dtype=None, device=None, lora_device=None):
@@ -225,14 +226,15 @@ class LoRALinear4bit(nn.Module):
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         # placeholders with bitsandbytes' shapes (on the meta device: no memory), filled by quantize_ or a checkpoint
-        n = in_features * out_features
-        nb = -(-n // blocksize)
-        self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device))
-        self.register_buffer("absmax", torch.empty(nb, dtype=torch.uint8 if double_quant else torch.float32,
-                                                   device=device))
-        self.register_buffer("quant_map", torch.empty(16, device=device))
-        self.register_buffer("nested_absmax", torch.empty(-(-nb // 256), device=device) if double_quant else None)
-        self.register_buffer("nested_quant_map", torch.empty(256, device=device) if double_quant else None)
+        n, q = in_features * out_features, quant_type != "none"
+        nb, dq = -(-n // blocksize), q and double_quant
+        self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device) if q else
+                             torch.empty(out_features, in_features, device=device))
+        self.register_buffer("absmax", torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device=device)
+                             if q else None)
+        self.register_buffer("quant_map", torch.empty(16, device=device) if q else None)
+        self.register_buffer("nested_absmax", torch.empty(-(-nb // 256), device=device) if dq else None)
+        self.register_buffer("nested_quant_map", torch.empty(256, device=device) if dq else None)
         self.offset, self.nested_blocksize, self.weight_dtype = 0.0, 256, torch.float32
         self._parts = {}  # bitsandbytes pieces of a pre-quantized checkpoint, until all have arrived
         self.set_lora(r, alpha, dropout, device=lora_device or device)
@@ -255,7 +257,11 @@ class LoRALinear4bit(nn.Module):
         self.offset, self.nested_blocksize, self.weight_dtype = q.offset, q.nested_blocksize, q.dtype
 
     def quantize_(self, w):
-        """Quantize a (out, in) float weight into this module's buffers."""
+        """Quantize a (out, in) float weight into this module's buffers (quant_type "none": keep it as it is)."""
+        if self.quant_type == "none":
+            assert w.shape == (self.out_features, self.in_features), f"weight {list(w.shape)} for a {self}"
+            self.weight, self.weight_dtype = w.detach().clone(), w.dtype  # own it: w may view a mapped file
+            return
         self.set_quantized(quantize(w, self.quant_type, self.blocksize, self.double_quant))
 
     def quantized(self):
@@ -276,15 +282,21 @@ class LoRALinear4bit(nn.Module):
 
     def forward(self, x):  # x: (..., in) -> (..., out)
         cdt = self.compute_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
-        q = self.quantized()
-        y = Matmul4bit.apply(x.to(cdt), q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code,
-                             (q.blocksize, q.shape, q.offset, q.nested_blocksize))
+        if self.quant_type == "none":  # the 16-bit baseline: a plain matmul with the frozen dense weight
+            y = nn.functional.linear(x.to(cdt), self.weight.to(cdt))
+        else:
+            q = self.quantized()
+            y = Matmul4bit.apply(x.to(cdt), q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code,
+                                 (q.blocksize, q.shape, q.offset, q.nested_blocksize))
         if self.r:  # the adapter sees the input in its own dtype (fp32 by default), as PEFT does
             a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
             y = y + (self.lora_B(a) * self.scale).to(cdt)
         return y.to(x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.quant_type == "none":  # a plain `weight`, as nn.Linear saves it
+            destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+            return
         destination.update({prefix + k: v for k, v in to_bnb(self.quantized()).items()})  # lora_*: submodules
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -400,15 +412,20 @@ def _write_model(model, out_dir, tensors, config):
 def save_quantized(model, out_dir, tokenizer=None):
     """The quantized base as transformers + bitsandbytes save it (model.safetensors with bitsandbytes' keys,
     quantization_config in config.json), loadable by from_pretrained and by load_quantized; `tokenizer`: a
-    tokenizer.model to copy beside it. No adapters (save_adapter)."""
-    q = next(iter(linears_4bit(model).values())).quantized()
-    assert q.quant_type in ("nf4", "fp4"), f"bitsandbytes knows nf4 and fp4, not {q.quant_type}"
+    tokenizer.model to copy beside it. No adapters (save_adapter). quant_type "none": a plain 16/32-bit checkpoint."""
+    m = next(iter(linears_4bit(model).values()))
     dtype = model.model.norm.weight.dtype
-    qc = dict(quant_method="bitsandbytes", load_in_4bit=True, load_in_8bit=False, bnb_4bit_quant_type=q.quant_type,
-              bnb_4bit_use_double_quant=q.nested_absmax is not None, bnb_4bit_quant_storage="uint8",
-              bnb_4bit_compute_dtype=str(dtype).removeprefix("torch."))
     tensors = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    _write_model(model, out_dir, tensors, hf_config(model.args, dtype, quantization_config=qc))
+    if m.quant_type == "none":
+        qc = {}
+    else:
+        q = m.quantized()
+        assert q.quant_type in ("nf4", "fp4"), f"bitsandbytes knows nf4 and fp4, not {q.quant_type}"
+        qc = dict(quantization_config=dict(
+            quant_method="bitsandbytes", load_in_4bit=True, load_in_8bit=False, bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.nested_absmax is not None, bnb_4bit_quant_storage="uint8",
+            bnb_4bit_compute_dtype=str(dtype).removeprefix("torch.")))
+    _write_model(model, out_dir, tensors, hf_config(model.args, dtype, **qc))
     if tokenizer is not None:
         shutil.copy(tokenizer, Path(out_dir) / "tokenizer.model")
 
@@ -473,7 +490,8 @@ def merge(model, out_dir, original=None, probe=32):
     originals = {} if original is None else {name: t for name, t, _ in stream_tensors(original)
                                              if name.rsplit(".weight", 1)[0] in mods}  # memory-mapped, not read
     for n, m in mods.items():  # merge in fp32, one cast to the model's dtype, one weight at a time
-        w = originals[n + ".weight"].float() if originals else dequantize(m.quantized(), torch.float32)
+        w = originals[n + ".weight"].float() if originals else m.weight.float() if m.quant_type == "none" else \
+            dequantize(m.quantized(), torch.float32)
         tensors[n + ".weight"] = (w.to(m.weight.device) + (m.delta() if m.r else 0)).to(dtype)
     _write_model(model, out_dir, tensors, hf_config(model.args, dtype))
     if not probe:
@@ -498,6 +516,9 @@ def memory_account(model):
     a = dict(quantized_bytes=0, constant_bytes=0, table_bytes=0, unquantized_bytes=0, lora_bytes=0, buffer_bytes=0)
     mods, n = linears_4bit(model), 0
     for m in mods.values():
+        if m.quant_type == "none":  # the 16-bit baseline's dense weight
+            a["unquantized_bytes"] += m.weight.nbytes
+            continue
         b = m.quantized().nbytes()
         a["quantized_bytes"] += b["weight"]
         a["constant_bytes"] += b["constants"]

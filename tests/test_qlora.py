@@ -137,6 +137,37 @@ def test_zero_B_gives_the_base_layer_and_compute_dtype():
     torch.testing.assert_close(y, x.bfloat16() @ W.bfloat16().T, rtol=0, atol=0, check_dtype=False)
 
 
+def test_16bit_lora_baseline(tmp_path):
+    # quant_type "none" (the paper's 16-bit LoRA): the dense frozen W, y = x W^T + s B A x, key `weight` only
+    torch.manual_seed(0)
+    w = torch.randn(80, 96) * 0.05
+    lin = Q.LoRALinear4bit(96, 80, r=8, alpha=16, dropout=0.0, quant_type="none")
+    lin.quantize_(w)
+    nn.init.normal_(lin.lora_B.weight)
+    assert torch.equal(lin.weight, w) and sorted(lin.state_dict()) == ["lora_A.weight", "lora_B.weight", "weight"]
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    g = torch.randn(3, 5, 80)
+    (lin(x) * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    A = lin.lora_A.weight.detach().clone().requires_grad_()
+    B = lin.lora_B.weight.detach().clone().requires_grad_()
+    y2 = x2 @ w.T + lin.scale * (x2 @ A.T) @ B.T
+    (y2 * g).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin(x), y2, **tol)
+    for a, b in ((x.grad, x2.grad), (lin.lora_A.weight.grad, A.grad), (lin.lora_B.weight.grad, B.grad)):
+        torch.testing.assert_close(a, b, **tol)
+    assert all(b.grad is None and not b.requires_grad for b in lin.buffers())
+    # a whole model: nothing quantized, all linears counted as unquantized; the base saves as a plain checkpoint
+    model = Q.add_lora(tiny_model(), r=4, quant_type="none")
+    a = Q.memory_account(model)
+    assert a["quantized_bytes"] == a["constant_bytes"] == a["n_quantized"] == 0
+    assert a["unquantized_bytes"] == sum(p.nbytes for p in tiny_model().parameters())
+    Q.save_quantized(model, tmp_path / "base")
+    back = Q.load_quantized(tmp_path / "base", quant_type="none", r=4)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items() if ".lora_" not in k)
+
+
 def test_saves_nothing_larger_than_the_packed_weight():
     lin = _lin(r=0)
     q = lin.quantized()

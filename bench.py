@@ -1,0 +1,541 @@
+"""
+Benchmarks, and the QLoRA paper's claims reproduced at small scale. Each section runs alone, prints its figures and
+writes them, under a header (date, commit, machine, package versions), into its own part of bench/RESULTS.md.
+
+  python bench.py                    # every section this device can run (CPU: under 10 minutes on 2 cores)
+  python bench.py --section=step     # one of quant | dequant | step | scale | paper; the file's others are kept
+  python bench.py --paper            # the reproductions only (= --section=paper)
+  python bench.py --quick --out=/tmp/r.md    # tiny shapes and runs, seconds (the smoke test)
+
+  quant    NF4 + double quantization at LLaMA-7B's layer shapes: quantize / dequantize time, ours against bitsandbytes
+  dequant  dequantization throughput against the device's copy bandwidth; on CUDA the fused 4-bit matmul against
+           dequantize + matmul over 1..8192 tokens, and where they cross (kernels.FUSED_MAX_TOKENS)
+  step     a training step of a ~60M LLaMA (LoRA r=16 on all linears, batch 4 x 256): ours against transformers +
+           peft + bitsandbytes, LoRA over unquantized weights, PagedAdamW against AdamW; each in its own process
+  scale    CUDA only: LLaMA-7B and 65B shapes, random weights quantized on the GPU: peak memory, tokens/s
+  paper    Table 2 (perplexity by 4-bit data type) on a real pretrained model; QLoRA against 16-bit LoRA (train.py)
+The peers (transformers, peft, bitsandbytes) are optional: where one is missing, its rows say so, never a number.
+"""
+import argparse
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+import model as M
+import qlora as Q
+from paged_adamw import PagedAdamW
+
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT.parent / "shared" / "assets"  # real test assets beside the repo (see tests/conftest.py)
+SECTIONS = ("quant", "dequant", "step", "scale", "paper")
+TITLES = dict(quant="1. Quantization: NF4 + double quantization, LLaMA-7B layer shapes",
+              dequant="Dequantization throughput", step="2. Training step: ~60M LLaMA, LoRA r=16, NF4 + DQ",
+              scale="3. Memory at scale", paper="Reproduction (`--paper`)")
+SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): attention; gate and up; down
+STEP_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=256)  # 60.1M parameters
+PEERS = ("transformers", "peft", "bitsandbytes")
+
+# -----------------------------------------------------------------------------
+# helpers: printing, timing, the results file
+
+
+def say(out, line=""):
+    """Print a result line and keep it for the results file."""
+    print(line, flush=True)
+    out.append(line)
+
+
+def table(out, head, rows):
+    for r in (head, ["---"] * len(head), *rows):
+        say(out, "| " + " | ".join(str(c) for c in r) + " |")
+
+
+def peer(name, out):
+    """A peer package, or None after saying that its comparison is skipped (a missing peer is never a number)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        say(out, f"skipped: {name} not installed")
+        return None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, reps, warmup=1, median=True):
+    """Median seconds of fn() (or all the times) after `warmup` calls: Triton compiles and autotunes, allocators
+    and optimizer states settle."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) if median else times
+
+
+def default_threads():
+    """All cores, less the ones other processes keep busy: OpenMP threads spin-wait for siblings that the OS has
+    descheduled, so on 2 cores shared with one busy process, 2 threads ran a step ~15x slower than 1 (measured)."""
+    return max(1, min(os.cpu_count(), round(os.cpu_count() - os.getloadavg()[0])))
+
+
+def header(device):
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain") else "")
+    info = dict(re.findall(r"^(model name|MemTotal)\s*:\s*(.+)$", "".join(
+        Path(f).read_text() for f in ("/proc/cpuinfo", "/proc/meminfo") if Path(f).exists()), re.M))  # Linux
+    ram = f"{int(info['MemTotal'].split()[0]) / 2**20:.0f} GiB RAM" if "MemTotal" in info else "RAM unknown"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+
+    def version(p):
+        try:
+            return importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    return (f"{datetime.now(timezone.utc):%a %b %d %H:%M:%S UTC %Y} · commit {commit} · "
+            f"{info.get('model name', 'CPU unknown')}, {os.cpu_count()} cores, {ram}, {gpu} · "
+            f"{torch.get_num_threads()} torch threads (load average {os.getloadavg()[0]:.1f}) · "
+            + ", ".join(f"{p} {version(p)}" for p in ("torch", "triton", *PEERS)))
+
+
+def write_section(path, name, head, body):
+    """Replace section `name` of the results file and keep the others: each section can run alone."""
+    old = path.read_text() if path.exists() else ""
+    parts = dict(re.findall(r"<!-- (\w+) -->\n(.*?)<!-- /\1 -->\n", old, re.S))
+    parts[name] = f"## {TITLES[name]}\n\n_{head}_\n\n" + "\n".join(body) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Benchmark results\n\nWritten by `python bench.py` (see its docstring); each section by "
+                    "`python bench.py --section=NAME`.\n\n"
+                    + "".join(f"<!-- {k} -->\n{parts[k]}<!-- /{k} -->\n\n" for k in SECTIONS if k in parts))
+
+# -----------------------------------------------------------------------------
+# 1. quantize / dequantize, and dequantization throughput
+
+
+def nf4_impls(device, bnb):
+    """name -> (quantize(w) -> state, dequantize(state) -> w): NF4, double quantization, blocks of 64."""
+    code = Q.CODES["nf4"].to(device)
+
+    def ours(quantize_4bit, dequantize_4bit):  # kernels' functions by name: the torch path is timed on CUDA too
+        def quantize(w):
+            packed, absmax = quantize_4bit(w, code, 64)
+            absmax, nested, offset = Q.double_quantize(absmax)
+            return Q.Quantized4bit(packed.view(-1, 1), absmax, code, w.shape, w.dtype, 64, "nf4", nested,
+                                   Q.DYNAMIC.to(device), offset)
+        return quantize, lambda q: dequantize_4bit(q.packed, q.absmax, q.code, 64, q.numel, q.dtype, q.nested_absmax,
+                                                   q.nested_code, q.offset)
+    impls = {"ours, torch": ours(kernels.quantize_4bit_ref, kernels.dequantize_4bit_ref)}
+    if device.type == "cuda":
+        impls["ours, Triton"] = ours(kernels.quantize_4bit_triton, kernels.dequantize_4bit_triton)
+    if bnb is not None:
+        impls["bitsandbytes"] = (lambda w: bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True,
+                                                                        quant_type="nf4"),
+                                 lambda s: bnb.functional.dequantize_4bit(*s))
+    return impls
+
+
+def shapes_for(quick):
+    return ((96, 128), (128, 96)) if quick else SHAPES_7B
+
+
+def bench_quant(device, a, out):
+    bnb = peer("bitsandbytes", out)
+    # no warm-up on CPU: nothing to compile, and large CPU tensors are allocated afresh (page faults) on every call
+    (reps, warmup), rows = ((10, 1) if device.type == "cuda" else (3, 0)), []
+    for shape in shapes_for(a.quick):
+        w = torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02  # LLaMA's weights: bf16, std ~0.02
+        times = {}
+        for name, (quantize, dequantize) in nf4_impls(device, bnb).items():
+            state = quantize(w)
+            times[name] = (timeit(lambda: quantize(w), device, reps, warmup),
+                           timeit(lambda: dequantize(state), device, reps, warmup))
+        for name, (tq, td) in times.items():
+            vs = [f"{b / t:.2f}x" for b, t in zip(times["bitsandbytes"], (tq, td))] if bnb else ["-", "-"]
+            rows.append([f"{shape[0]} x {shape[1]}", name, f"{tq * 1e3:.1f}", f"{td * 1e3:.1f}", *vs])
+    table(out, ["shape (out x in), bf16", "implementation", "quantize ms", "dequantize ms",
+                "quantize speed vs bnb", "dequantize speed vs bnb"], rows)
+    say(out, f"\nMedian of {reps} runs{' after a warm-up' * warmup}. Speed vs bnb = bitsandbytes' time / this row's "
+        "time (>1: faster).")
+
+
+def copy_bandwidth(device, nbytes=256 * 2**20):
+    """The memory-bandwidth limit a dequantization can approach, measured: one large copy reads and writes nbytes."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timeit(lambda: dst.copy_(src), device, reps=5)
+
+
+def bench_dequant(device, a, out):
+    bnb = peer("bitsandbytes", out)
+    limit, reps, rows = copy_bandwidth(device), (10 if device.type == "cuda" else 3), []
+    for shape in shapes_for(a.quick):
+        w = torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02
+        impls = nf4_impls(device, bnb)
+        q = impls["ours, torch"][0](w)  # the same bytes in every implementation (the tests check it bit for bit)
+        moved = sum(q.nbytes().values()) + w.nbytes  # 4-bit codes and constants read, the bf16 weight written
+        for name, (quantize, dequantize) in impls.items():
+            state = q if name.startswith("ours") else quantize(w)
+            gbs = moved / timeit(lambda: dequantize(state), device, reps) / 1e9
+            rows.append([f"{shape[0]} x {shape[1]}", name, f"{gbs:.1f}", f"{100 * gbs / (limit / 1e9):.0f}%"])
+    cpu_threads = "" if device.type == "cuda" else f" ({torch.get_num_threads()} torch threads, as the rows)"
+    say(out, f"Bandwidth limit: a 256 MiB copy on this device{cpu_threads} moves "
+        f"{limit / 1e9:.1f} GB/s (read + write).\n")
+    table(out, ["shape (out x in)", "implementation", "dequantize GB/s moved", "of the copy bandwidth"], rows)
+    if device.type != "cuda":
+        say(out, "\nFused 4-bit matmul against dequantize + matmul: skipped: needs CUDA (the Triton kernel).")
+        return
+    saved, rows, best = kernels.FUSED_MAX_TOKENS, [], []
+    try:
+        for N, K in shapes_for(a.quick):
+            q = Q.quantize(torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02)
+            state = (q.packed, q.absmax, q.code, 64, q.shape, q.nested_absmax, q.nested_code, q.offset)
+            fused_wins_up_to, fused_on = 0, True
+            for T in [2**i for i in range(14)]:  # 1 .. 8192 tokens
+                x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
+                t = {}
+                for path, n in (("fused", 2**30), ("dequantize + matmul", 0))[0 if fused_on else 1:]:
+                    kernels.FUSED_MAX_TOKENS = n  # the dispatch's switch, swept
+                    t[path] = timeit(lambda: kernels.matmul_4bit(x, *state), device, reps=10, warmup=2)
+                if "fused" in t and t["fused"] < t["dequantize + matmul"]:
+                    fused_wins_up_to = T
+                fused_on = "fused" in t and t["fused"] < 4 * t["dequantize + matmul"]  # far behind: it only loses more
+                rows.append([f"{N} x {K}", T, f"{t['fused'] * 1e6:.0f}" if "fused" in t else "-",
+                             f"{t['dequantize + matmul'] * 1e6:.0f}"])
+            best.append(fused_wins_up_to)
+    finally:
+        kernels.FUSED_MAX_TOKENS = saved
+    say(out, "\nkernels.matmul_4bit, x (T, in) bf16 @ W.T, median us:\n")
+    table(out, ["W (out x in)", "tokens T", "fused us", "dequantize + matmul us"], rows)
+    say(out, f"\nCrossover: the fused kernel wins up to {best} tokens per shape; kernels.FUSED_MAX_TOKENS is "
+        f"{saved}, the measurement suggests {min(best)}.")
+
+# -----------------------------------------------------------------------------
+# 2. a training step, each configuration in its own process (ru_maxrss is the peak of the whole process)
+
+# label, implementation, frozen base (nf4 | none), weights' and compute dtype (None: bf16 on CUDA, else fp32), optimizer
+STEP_CONFIGS = (("ours: NF4 + DQ", "ours", "nf4", None, "adamw"),
+                ("transformers + peft + bitsandbytes: NF4 + DQ", "peer", "nf4", None, "adamw"),
+                ("ours: LoRA on fp32 weights, no quantization", "ours", "none", "float32", "adamw"),
+                ("ours: LoRA on bf16 weights, no quantization", "ours", "none", "bfloat16", "adamw"),
+                ("ours: NF4 + DQ, PagedAdamW", "ours", "nf4", None, "paged"))
+
+
+def step_child(a, device):
+    """One configuration: load the saved random model, time training steps, print one RESULT json line."""
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    B, T = (2, 32) if a.quick else (4, 256)
+    ids = torch.randint(0, M.load_args(a.ckpt).vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)  # the same batch in every process
+    if a.impl == "ours":
+        model = Q.load_quantized(a.ckpt, device, dtype, r=16, alpha=16, dropout=0.0, quant_type=a.quant,
+                                 double_quant=True, compute_dtype=dtype)
+        forward = lambda: model(x)
+    else:
+        transformers, peft = importlib.import_module("transformers"), importlib.import_module("peft")
+        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        base = transformers.AutoModelForCausalLM.from_pretrained(a.ckpt, quantization_config=bnb, dtype=dtype,
+                                                                 device_map={"": device})
+        model = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                          target_modules=list(Q.LINEARS)))  # prepare_... not needed
+        forward = lambda: model(input_ids=x, use_cache=False).logits
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (PagedAdamW if a.optimizer == "paged" else torch.optim.AdamW)(params, lr=1e-4)
+    losses = []
+
+    def step():  # the loss over all tokens, as train.py computes it
+        loss = F.cross_entropy(forward().flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    statm = Path("/proc/self/statm")  # the resident set now, after loading (Linux)
+    loaded = int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20 if statm.exists() else math.nan
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = timeit(step, device, a.steps, warmup=1, median=False)  # warm-up: the optimizer's states, autotuning
+    r = dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times), loss1=losses[0],
+             trainable=sum(p.numel() for p in params), loaded_rss_mib=loaded,
+             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # ru_maxrss: KiB on Linux
+    if device.type == "cuda":
+        r.update(alloc_mib=torch.cuda.max_memory_allocated(device) / 2**20,
+                 reserved_mib=torch.cuda.max_memory_reserved(device) / 2**20)
+    if a.profile:  # where one step's time goes, by operator (self time, on the GPU where there is one)
+        with torch.profiler.profile() as prof:
+            step()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        ops = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:6]
+        r["top_ops"] = [(e.key, getattr(e, key) / 1e3, e.count) for e in ops]
+    print("RESULT " + json.dumps(r))
+
+
+def bench_step(device, a, out):
+    have_peers = all([peer(p, out) is not None for p in PEERS])  # (a list: say every missing one)
+    compute = "bfloat16" if device.type == "cuda" else "float32"
+    args = M.ModelArgs(**(dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000) if a.quick else STEP_MODEL))
+    (B, T), steps, res = ((2, 32) if a.quick else (4, 256)), (2 if a.quick else 5), {}
+    with tempfile.TemporaryDirectory() as ckpt:
+        torch.manual_seed(0)  # the random model every row loads, saved as a Hugging Face checkpoint
+        dense = M.Transformer(args)
+        M.save_safetensors(Path(ckpt) / "model.safetensors", dense.state_dict())
+        (Path(ckpt) / "config.json").write_text(json.dumps(Q.hf_config(args, torch.float32)))
+        n_params = sum(p.numel() for p in dense.parameters())
+        del dense
+        for label, impl, quant, dtype, opt in STEP_CONFIGS:
+            if impl == "peer" and not have_peers:
+                continue
+            cmd = [sys.executable, str(ROOT / "bench.py"), f"--impl={impl}", f"--quant={quant}", f"--ckpt={ckpt}",
+                   f"--dtype={dtype or compute}", f"--optimizer={opt}", f"--steps={steps}", f"--threads={a.threads}",
+                   *["--quick"] * a.quick, *["--profile"] * (quant == "nf4" and opt == "adamw")]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if p.returncode:
+                raise RuntimeError(f"step section, {label}: the child process failed:\n{p.stderr[-3000:]}")
+            res[label] = json.loads(p.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+            print(f"  {label}: {res[label]['median_s']:.3f} s/step", flush=True)
+    say(out, f"LLaMA dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab_size} "
+        f"({n_params / 1e6:.1f}M parameters, random init, one checkpoint loaded by every row); batch {B} x {T} tokens "
+        "(seeded, the same in every row), loss over all tokens; LoRA r=16, alpha 16, dropout 0 on all 7 linears of "
+        f"every block; AdamW lr 1e-4; compute {compute}. Median of {steps} steps after a warm-up step, each row in "
+        "its own process.\n")
+    mem = ("alloc_mib", "reserved_mib") if device.type == "cuda" else ("peak_rss_mib", "loaded_rss_mib")
+    table(out, ["configuration", "step s (min-max)", "tokens/s", *(["peak allocated MiB", "peak reserved MiB"] if
+                device.type == "cuda" else ["peak RSS MiB", "RSS after loading MiB"]), "loss at step 1", "LoRA params"],
+          [[k, f"{r['median_s']:.3f} ({r['min_s']:.2f}-{r['max_s']:.2f})", f"{B * T / r['median_s']:,.0f}",
+            *[f"{r[m]:,.0f}" for m in mem], f"{r['loss1']:.4f}", f"{r['trainable']:,}"] for k, r in res.items()])
+    (ours, them, fp32, _, paged), peak = [res.get(c[0]) for c in STEP_CONFIGS], mem[0]
+    say(out, f"\nThe cost of dequantization: ours NF4 + DQ takes {ours['median_s'] / fp32['median_s']:.2f}x the step "
+        f"time of the same LoRA over fp32 weights, in {ours[peak] / fp32[peak]:.2f}x the peak memory.")
+    say(out, f"PagedAdamW against torch.optim.AdamW (ours, NF4 + DQ): {paged['median_s'] / ours['median_s']:.2f}x the "
+        "step time" + ("." if device.type == "cuda" else " (on CPU PagedAdamW takes its exact CPU path: no paging)."))
+    if them is None:
+        return say(out, "transformers + peft + bitsandbytes: skipped (not installed), so no ratio against them.")
+    tr, mr = ours["median_s"] / them["median_s"], ours[peak] / them[peak]
+    say(out, f"Ours against transformers + peft + bitsandbytes: {tr:.2f}x the step time, {mr:.2f}x the peak memory: "
+        f"{'at least as fast' if tr <= 1 else 'SLOWER'}, {'no larger' if mr <= 1 else 'LARGER'}.")
+    if tr > 1:  # say why, from this run's own numbers
+        say(out, f"\nWhy slower: the same LoRA without quantization takes {fp32['median_s']:.3f} s, so dequantizing "
+            f"costs us {ours['median_s'] - fp32['median_s']:.3f} s per step against "
+            f"{them['median_s'] - fp32['median_s']:.3f} s for bitsandbytes (every weight is dequantized in forward and "
+            "again in backward)" + (": bitsandbytes does it in C++ on CPU, we in plain torch ops "
+                                    "(kernels.dequantize_4bit_ref)" if device.type == "cpu" else "")
+            + ". One step's profile, top operators by self time:\n")
+        table(out, ["implementation", "operator", "self ms", "calls"],
+              [[k, op, f"{ms:.0f}", n] for k in (STEP_CONFIGS[0][0], STEP_CONFIGS[1][0])
+               for op, ms, n in res[k]["top_ops"]])
+        if device.type == "cpu":
+            say(out, "\nWhat would fix it: a faster torch dequantization on CPU (one table lookup per byte for both "
+                "nibbles, the block scale broadcast in place rather than repeat_interleave'd), or a compiled kernel.")
+
+# -----------------------------------------------------------------------------
+# 3. memory at scale (CUDA only): LLaMA-7B and 65B shapes with random weights
+
+
+def random_4bit_model(preset, device, n_layers=None):
+    """A `preset`-shaped LLaMA with random weights, each linear drawn and quantized on the GPU one at a time (a 65B
+    model in bf16 would not fit); LoRA r=64 on every linear, bf16 adapters (the paper's setup)."""
+    args = M.get_args(preset, max_seq_len=512, **({"n_layers": n_layers} if n_layers else {}))
+    with torch.device("meta"):
+        model = M.Transformer(args).to(torch.bfloat16)
+    Q.add_lora(model, r=64, alpha=16, dropout=0.0, compute_dtype=torch.bfloat16)
+    for m in Q.linears_4bit(model).values():
+        m.quantize_(torch.randn(m.out_features, m.in_features, device=device, dtype=torch.bfloat16) * 0.02)
+        m.set_lora(m.r, m.alpha, 0.0, device=device, dtype=torch.bfloat16)
+    dense = [model.model.embed_tokens, model.lm_head, model.model.norm] + \
+        [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    for mod in dense:
+        mod.to_empty(device=device)
+        torch.nn.init.normal_(mod.weight, std=0.02) if mod.weight.dim() == 2 else torch.nn.init.ones_(mod.weight)
+    model.init_rope(device)
+    model.grad_checkpoint = True
+    return model
+
+
+def scale_rows(preset, batches, device, quick):
+    """One timed training step per batch size (after a warm-up step) of a random 4-bit `preset` model."""
+    model, rows = random_4bit_model(preset, device, n_layers=2 if quick else None), []
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = PagedAdamW(params, lr=2e-4)  # the paper's; its fp32 moments live in managed memory, added below
+    for B in batches:
+        x = torch.randint(0, model.args.vocab_size, (B, 513), device=device)
+
+        def step():
+            F.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # warm-up: Triton autotuning, the optimizer's states
+        torch.cuda.reset_peak_memory_stats(device)
+        t = timeit(step, device, reps=1, warmup=0)
+        rows.append([preset, f"{B} x 512", f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}",
+                     f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f}",
+                     f"{8 * sum(p.numel() for p in params) / 2**30:.1f}", f"{B * 512 / t:,.0f}"])
+    return rows
+
+
+def bench_scale(device, a, out):
+    if device.type != "cuda":
+        return say(out, "skipped: needs CUDA")
+    rows = scale_rows("7b", (1, 16), device, a.quick)
+    torch.cuda.empty_cache()  # the 7B model is gone with scale_rows' frame
+    rows += scale_rows("65b", (1,), device, a.quick)
+    say(out, "Random weights, NF4 + DQ quantized on the GPU; LoRA r=64 (bf16) on all linears; bf16 compute; "
+        "gradient checkpointing; PagedAdamW; one timed step after a warm-up step.\n")
+    table(out, ["model", "batch", "peak allocated GiB", "peak reserved GiB", "+ paged optimizer states GiB",
+                "tokens/s"], rows)
+    say(out, "\nThe paper: a 65B model fine-tunes in under 48 GB (here: allocated + paged states).")
+
+# -----------------------------------------------------------------------------
+# reproduction: Table 2 at small scale, and QLoRA against 16-bit LoRA
+
+
+def heldout_texts(model_dir, n_tokens):
+    """{name: token ids}: real OASST1 messages (text a small story model never saw), and where the model folder has
+    one, its own greedy story (in its domain, but written by the fp32 model, so biased toward it)."""
+    tok, msgs = M.Tokenizer(Path(model_dir) / "tokenizer.model"), []
+    stack = [json.loads(line)["prompt"] for line in (ASSETS / "oasst1" / "en_100_tree.jsonl").open()]
+    while stack:  # every message of every tree, depth first
+        msgs.append(stack[0]["text"])
+        stack[:1] = stack[0].get("replies", [])
+    texts = {"OASST1 messages": [i for t in msgs for i in tok.encode(t, bos=True)][:n_tokens]}
+    if (ref := Path(model_dir) / "greedy_reference.json").exists():
+        texts["its greedy story"] = tok.encode(json.loads(ref.read_text())["greedy_text"], bos=True)
+    return texts
+
+
+@torch.no_grad()
+def perplexity(model, ids, device, ctx=256):
+    """exp(mean next-token loss) over the text cut into windows of ctx tokens."""
+    ctx = min(ctx, len(ids))
+    x = torch.tensor(ids[:len(ids) // ctx * ctx], device=device).view(-1, ctx)
+    nll = sum(F.cross_entropy(model(b[:, :-1]).flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
+              for b in x.split(16))
+    return math.exp(nll / (x.size(0) * (ctx - 1)))
+
+
+def table2(d, device, a, out):
+    variants = (("32-bit", None, False, "-"), ("Int4", "int4", False, "34.34"), ("FP4 (E2M1)", "fp4", False, "31.07"),
+                ("NF4", "nf4", False, "-"), ("NF4 + DQ", "nf4", True, "27.41"))
+    texts, rows = heldout_texts(d, 2048 if a.quick else 32768), []
+    for name, qt, dq, paper in variants:
+        m = M.load_model(d, device) if qt is None else Q.load_quantized(
+            d, device, quant_type=qt, double_quant=dq, blocksize=64, r=0, compute_dtype=torch.float32)
+        rows.append([name, *[f"{perplexity(m.eval(), ids, device):.3f}" for ids in texts.values()], paper])
+    say(out, f"{d.name}: {', '.join(f'{k} ({len(v):,} tokens)' for k, v in texts.items())}. The paper's column: its "
+        "mean over OPT, BLOOM, LLaMA and Pythia, 125M to 13B parameters, on Pile Common Crawl.\n")
+    table(out, ["weights", *[f"perplexity, {k}" for k in texts], "paper (Table 2)"], rows)
+    for i, k in enumerate(texts):
+        ppl = {r[0]: float(r[1 + i]) for r in rows}
+        agree = ppl["Int4"] > ppl["FP4 (E2M1)"] > ppl["NF4 + DQ"]
+        say(out, f"\n{k}: " + " > ".join(f"{n} {v:.3f}" for n, v in sorted(ppl.items(), key=lambda kv: -kv[1]))
+            + ". The paper's ordering, Int4 > FP4 > NF4 + DQ, " + ("holds." if agree else "does NOT hold here."))
+
+
+def train_pair(jobs, common):
+    """train.py runs side by side, one core each: {name: (final val loss, exact match before, after)}."""
+    procs = {k: subprocess.Popen([sys.executable, "train.py", *flags, *common, "--ckpt_interval=0", "--log_interval=50",
+                                  "--eval_interval=100", "--seed=1337"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for k, flags in jobs.items()}
+    res = {}
+    for k, p in procs.items():
+        log = p.communicate()[0]
+        acc = re.search(r"held-out answers: (\d+)% before -> (\d+)% after", log)
+        if p.returncode or not acc:
+            raise RuntimeError(f"train.py {' '.join(jobs[k])} failed:\n{log[-3000:]}")
+        res[k] = (float(re.findall(r"val loss ([\d.]+)", log)[-1]), *acc.groups())
+    return res
+
+
+def bench_paper(device, a, out):
+    say(out, "### Table 2 at small scale: perplexity by 4-bit data type, block size 64\n")
+    for d in [Path(m) for m in a.models.split(",") if m]:
+        if (d / "config.json").exists() and (d / "tokenizer.model").exists():
+            table2(d, device, a, out)
+        else:
+            say(out, f"skipped: {d} not present (a Hugging Face model folder with tokenizer.model)")
+    say(out, "\nMore models (larger, Hugging Face format with a sentencepiece tokenizer.model): --models=DIR,DIR.")
+    from train import Config  # the fine-tune's settings: train.py's defaults, but for these
+    (steps, batch), c = ((4, 8) if a.quick else (300, 32)), Config()
+    common = [f"--max_steps={steps}", f"--batch_size={batch}"] + ["--eval_answers=2"] * a.quick
+    say(out, f"\n### QLoRA against 16-bit LoRA: the same fine-tune, data and seed (train.py: {steps} steps of batch "
+        f"{batch}, lr {c.lr}, LoRA r {c.lora_r} on all linears)\n")
+    rows, stories = [], ASSETS / "stories260K"
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [("data/sample, tiny preset, random frozen base", [])]
+        if stories.exists():  # the sample's conversations tokenized for stories260K, prepared by data/oasst1
+            from data.oasst1.prepare import prepare
+            prepare(input_path=ROOT / "data" / "sample" / "sample.trees.jsonl", out_dir=Path(tmp) / "data",
+                    tokenizer_path=stories / "tokenizer.model", verbose=False)
+            runs.append(("data/sample, stories260K base (pretrained)",
+                         [f"--init_from={stories}", f"--data={tmp}/data"]))
+        else:
+            say(out, f"skipped: {stories} not present: no run on a pretrained base")
+        for name, flags in runs:
+            res = train_pair({q: [*flags, f"--quant_type={q}", f"--out_dir={tmp}/{q}"] for q in ("nf4", "none")},
+                             common)
+            rows += [[name, base, f"{res[q][0]:.4f}", f"{res[q][1]}% -> {res[q][2]}%"]
+                     for q, base in (("nf4", "NF4 + DQ (QLoRA)"), ("none", "unquantized (LoRA)"))]
+    table(out, ["fine-tune", "frozen base", "final val loss", "held-out exact match, before -> after"], rows)
+    say(out, "\nThe unquantized base is in train.py's compute dtype (fp32 on CPU, bf16 on CUDA). The paper (sec. 4, "
+        "Table 3, Fig. 3): 4-bit QLoRA with NF4 + DQ matches 16-bit LoRA.")
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="qlora benchmarks; see the docstring of bench.py")
+    ap.add_argument("--section", choices=SECTIONS, help="run only this section (default: all)")
+    ap.add_argument("--paper", action="store_true", help="the reproductions only: the same as --section=paper")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and runs: checks that it works, in seconds")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="the results file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: the idle cores)")
+    ap.add_argument("--models", default=str(ASSETS / "stories260K"),
+                    help="comma-separated Hugging Face model folders for the perplexity table")
+    # internal: one configuration of the step section, run in a child process for its own peak memory
+    ap.add_argument("--impl", choices=("ours", "peer"))
+    ap.add_argument("--quant", choices=("nf4", "none"), default="nf4")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--optimizer", choices=("adamw", "paged"), default="adamw")
+    ap.add_argument("--ckpt")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a.threads = a.threads or default_threads()
+    if a.impl:
+        return step_child(a, device)
+    torch.set_num_threads(a.threads)
+    run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, scale=bench_scale, paper=bench_paper)
+    for name in [a.section] if a.section else ["paper"] if a.paper else SECTIONS:
+        print(f"\n== {TITLES[name]}", flush=True)
+        out, t0 = [], time.time()
+        head = header(device)
+        run[name](device, a, out)
+        write_section(a.out, name, f"{head} · section took {time.time() - t0:.0f} s", out)
+    print(f"\nwritten: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # before any test module imports triton: Triton reads this flag at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # and decoration time; CPU tensors run kernels interpreted
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's modules are top-level files: import them from any working dir
 ASSETS = ROOT.parent / "shared" / "assets"  # real third-party test assets, beside a clone (never copied in)

@@ -346,8 +346,9 @@ def bench_step(device, a, out):
               [[k, op, f"{ms:.0f}", n] for k in (STEP_CONFIGS[0][0], STEP_CONFIGS[1][0])
                for op, ms, n in res[k]["top_ops"]])
         if device.type == "cpu":
-            say(out, "\nWhat would fix it: a faster torch dequantization on CPU (one table lookup per byte for both "
-                "nibbles, the block scale broadcast in place rather than repeat_interleave'd), or a compiled kernel.")
+            say(out, "\nWhat would fix it: the torch reference already does one table lookup per byte and broadcasts "
+                "the block scale; what is left is its memory traffic (index_select writes fp32 pairs, then a multiply "
+                "and a cast): a compiled CPU kernel that fuses lookup, scale and cast, as bitsandbytes' C++ does.")
 
 # -----------------------------------------------------------------------------
 # 3. memory at scale (CUDA only): LLaMA-7B and 65B shapes with random weights

@@ -461,7 +461,7 @@ def train(cfg):
             g["lr"] = get_lr(cfg, step)
         micro = [batches[step * G * world + rank * G + j] for j in range(G)]
         # normalize by the trained tokens of the whole step, over all micro-batches and ranks
-        n_tokens = all_sum(torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in micro)))).item()
+        n_tokens = max(all_sum(torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in micro)))).item(), 1.0)
         loss_sum = torch.zeros((), device=device)
         for j, (x, y) in enumerate(micro):
             sync = ddp.no_sync() if world > 1 and j < G - 1 else nullcontext()  # all-reduce once, at the end

@@ -109,6 +109,11 @@ def test_default_run_learns(tmp_path):
     assert len(vals) == 2 and vals[-1] < 0.6 * vals[0], vals
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "base" / "model.safetensors").exists()
+    # the README's next command: chat with the saved 4-bit base + the PEFT adapter
+    s = subprocess.run([sys.executable, "sample.py", f"--init_from={tmp_path / 'base'}",
+                        f"--adapter={tmp_path / 'adapter'}", "--prompt=What is 12+34?", "--max_new_tokens=6"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0 and s.stdout.startswith("### Human: What is 12+34?### Assistant:"), s.stderr[-2000:]
 
 
 def test_finetune_real_pretrained_model(tmp_path):

@@ -2,6 +2,7 @@
 # process with W*G micro-batches does; rank 0 alone writes checkpoints; resume restores every rank; a start-up
 # error ends the job once, without a hang.
 import json
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,10 @@ TOL = 1e-4  # relative: the same sums, added in another order (all-reduce of two
 
 
 def run(cmd, timeout=300):
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return p
+    # one thread per process (torchrun's own default for several ranks): on a 2-core machine two ranks with two
+    # threads each oversubscribe the cores and slow to a crawl
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def torchrun(*args, timeout=300):

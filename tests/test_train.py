@@ -1,7 +1,6 @@
 # train.py: settings, the memory plan, exact resume after SIGKILL, learning on the default task and on a real
 # pretrained model, and clear errors for bad runs.
 import json
-import os
 import signal
 import subprocess
 import sys

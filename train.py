@@ -7,6 +7,7 @@ AdamW, one plain loop. Dettmers et al. 2023, arXiv 2305.14314; the loop follows 
   python train.py --model=65b --estimate                            # memory plan only, no weights needed
   torchrun --nproc_per_node=2 train.py ...                          # data parallel over the LoRA weights
 """
+import ctypes
 import importlib
 import json
 import math
@@ -377,6 +378,19 @@ def peak_memory(device):
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # ru_maxrss is in KiB
 
 
+def keep_freed_memory():
+    """CPU only (glibc): keep freed buffers in the process. By default malloc hands every block over 32 MiB (often
+    less) back to the OS when it is freed, so each step faults the same activations and gradients in again as fresh
+    zeroed pages. Raising the mmap and trim thresholds made bench.py's 60M-parameter CPU step 12% faster (2.75 ->
+    2.43 s) for ~8% more peak RSS; the tiny default run is unaffected. Returns whether it took effect."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune, the run is only slower
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(mallopt(M_TRIM_THRESHOLD, 2**30) and mallopt(M_MMAP_THRESHOLD, 2**30))
+
+
 def pick_device(cfg, local_rank):
     if cfg.device != "auto":
         return torch.device(cfg.device)
@@ -395,6 +409,8 @@ def train(cfg):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(cfg.seed + rank)
     log = tqdm.write if is_main() else (lambda *a, **k: None)  # prints above the progress bar
     if is_main():

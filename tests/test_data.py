@@ -111,6 +111,27 @@ def test_errors_name_file_and_line(tmp_path):
         P.read_conversations(bad_file(tmp_path, lines, "bad.messages.jsonl"))
 
 
+def test_bad_bytes_and_broken_gzip_name_the_file(tmp_path):
+    good = [line.encode() for line in FIXTURE.read_text().splitlines()]
+    p = tmp_path / "latin1.trees.jsonl"  # one line in Latin-1: "é" as the single byte 0xe9
+    p.write_bytes(b"\n".join([good[0], good[1].replace(b"Red.", b"Rouge \xe9."), *good[2:]]) + b"\n")
+    with pytest.raises(P.DataError, match=rf"{p}:2: not UTF-8 text"): P.read_conversations(p)
+    convs, _, stats = P.read_conversations(p, skip_bad=True)  # the line can be skipped like any bad line
+    assert len(convs) == len(EXPECTED) - 1 and stats["skipped bad lines (--skip_bad)"] == 1
+
+    _, flat = other_forms(FIXTURE, tmp_path)
+    data = flat.read_bytes()
+    cut = tmp_path / "cut.messages.jsonl.gz"  # a download that stopped half way
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(P.DataError, match=rf"{cut}: unreadable after line \d+ \(EOFError"): P.read_conversations(cut)
+    junk = tmp_path / "junk.jsonl.gz"  # not gzip at all
+    junk.write_bytes(b"{}\n" * 10)
+    with pytest.raises(P.DataError, match=rf"{junk}: unreadable after line 0 \(BadGzipFile"):
+        P.read_conversations(junk)
+    with pytest.raises(P.DataError, match=rf"{tmp_path / 'none.jsonl'}: unreadable after line 0 \(FileNotFound"):
+        P.read_conversations(tmp_path / "none.jsonl")
+
+
 def test_cli_error_and_skip_bad(tmp_path):
     p = bad_file(tmp_path, FIXTURE.read_text().splitlines() + ["not json"])
     cmd = [sys.executable, str(ROOT / "data/oasst1/prepare.py"), f"--input={p}", f"--tokenizer={SAMPLE_TOK}",

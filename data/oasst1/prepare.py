@@ -21,7 +21,7 @@ Writes to --out_dir, per split (train, val; ~5% of trees by a hash of message_tr
 The 2023-04-12 ready release holds 10,364 trees (88,838 messages); Guanaco took one conversation from each,
 9,846 train + 518 test (its own split; ours is by hash, the same ~5% but not the same trees).
 """
-import gzip, hashlib, inspect, json, re, sys, urllib.request
+import gzip, hashlib, inspect, json, re, sys, urllib.request, zlib
 from collections import Counter, namedtuple
 from pathlib import Path
 
@@ -126,42 +126,52 @@ def from_guanaco(obj, langs, stats):
     return Conversation(hashlib.sha256(obj["text"].encode()).hexdigest(), tuple(turns))
 
 
+def read_lines(path):
+    """(line number, bytes) of a plain or gzipped file; a truncated or corrupt gzip stream is a DataError."""
+    lineno = 0
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1): yield lineno, raw
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: unreadable after line {lineno} ({type(e).__name__}: {e})") from e
+
+
 def read_conversations(path, langs=(), skip_bad=False):
     """(conversations sorted by tree id, the form, a Counter of what was read and dropped). Sorting makes every
     form and file order give the same output files."""
     path, stats, convs, flat, form = Path(path), Counter(), [], {}, None
-    opener = gzip.open if path.suffix == ".gz" else open
 
     def bad(e, lineno):
         if not skip_bad: raise DataError(f"{path}:{e.line or lineno}: {e}") from e
         stats["skipped bad lines (--skip_bad)"] += 1
 
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try:
-                try: obj = json.loads(line)
-                except json.JSONDecodeError as e: raise DataError(f"malformed JSON ({e})")
-                kind = detect_form(obj)
-                if kind is None:
-                    raise DataError(f"unknown form ({str(obj)[:60]}...): expected a tree with 'prompt', a message "
-                                    "with 'replies', a flat message with 'parent_id' or a Guanaco row with 'text'")
-                if form not in (None, kind): raise DataError(f"a {kind} line in a file of {form} lines")
-                form = kind
-                if kind == "flat":  # collect now, link parents to children once all lines are read
-                    need(obj, "message_id", "parent_id", "role", "text")
-                    if obj["message_id"] in flat: raise DataError(f"duplicate message_id {obj['message_id']}")
-                    flat[obj["message_id"]] = dict(obj, replies=[], _line=lineno)
-                    continue
-                if kind == "guanaco": conv = from_guanaco(obj, langs, stats)
-                elif kind == "trees":
-                    need(obj, "message_tree_id")
-                    conv = to_conversation(obj["message_tree_id"], obj["prompt"], obj.get("tree_state"), langs, stats)
-                else:  # a nested message tree; OASST's tree id is its root's message id
-                    conv = to_conversation(obj.get("message_tree_id", obj.get("message_id")), obj, None, langs, stats)
-                if conv: convs.append(conv)
-            except DataError as e:
-                bad(e, lineno)
+    for lineno, raw in read_lines(path):
+        if not raw.strip(): continue
+        try:
+            try: line = raw.decode("utf-8")  # per line, so a bad byte names its line (and --skip_bad can skip it)
+            except UnicodeDecodeError as e: raise DataError(f"not UTF-8 text ({e})")
+            try: obj = json.loads(line)
+            except json.JSONDecodeError as e: raise DataError(f"malformed JSON ({e})")
+            kind = detect_form(obj)
+            if kind is None:
+                raise DataError(f"unknown form ({str(obj)[:60]}...): expected a tree with 'prompt', a message "
+                                "with 'replies', a flat message with 'parent_id' or a Guanaco row with 'text'")
+            if form not in (None, kind): raise DataError(f"a {kind} line in a file of {form} lines")
+            form = kind
+            if kind == "flat":  # collect now, link parents to children once all lines are read
+                need(obj, "message_id", "parent_id", "role", "text")
+                if obj["message_id"] in flat: raise DataError(f"duplicate message_id {obj['message_id']}")
+                flat[obj["message_id"]] = dict(obj, replies=[], _line=lineno)
+                continue
+            if kind == "guanaco": conv = from_guanaco(obj, langs, stats)
+            elif kind == "trees":
+                need(obj, "message_tree_id")
+                conv = to_conversation(obj["message_tree_id"], obj["prompt"], obj.get("tree_state"), langs, stats)
+            else:  # a nested message tree; OASST's tree id is its root's message id
+                conv = to_conversation(obj.get("message_tree_id", obj.get("message_id")), obj, None, langs, stats)
+            if conv: convs.append(conv)
+        except DataError as e:
+            bad(e, lineno)
     if form == "flat":
         roots = [m for m in flat.values() if m["parent_id"] is None]
         for m in flat.values():

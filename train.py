@@ -419,7 +419,7 @@ def train(cfg):
         else getattr(torch, cfg.compute_dtype)
 
     # tokenizer -> data -> model (meta, 4-bit, LoRA) -> optimizer
-    tok_path = Path(cfg.init_from) / "tokenizer.model" if cfg.init_from else ROOT / "data" / cfg.data / "tokenizer.model"
+    tok_path = (Path(cfg.init_from) if cfg.init_from else ROOT / "data" / cfg.data) / "tokenizer.model"
     if not tok_path.exists():
         raise ConfigError(f"no tokenizer at {tok_path}: put the model's sentencepiece tokenizer.model there")
     train_ds, val_ds = get_data(cfg, tok_path)

@@ -1,7 +1,7 @@
 # Every Triton kernel in kernels.py against its torch reference: on CPU run by Triton's interpreter
 # (TRITON_INTERPRET=1), on a GPU machine compiled, on CUDA tensors. Bit-exact for quantize and dequantize, within a
-# stated fp32-accumulation tolerance for the fused matmul. Odd sizes, tails that are not a multiple of the block, NF4 and FP4, bf16/fp16/fp32, with and
-# without double quantization. Parity with bitsandbytes where it is installed.
+# stated fp32-accumulation tolerance for the fused matmul. Odd sizes, tails that are not a multiple of the block, NF4
+# and FP4, bf16/fp16/fp32, with and without double quantization. Parity with bitsandbytes where it is installed.
 import importlib.util
 import os
 import subprocess

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one run of about 7 minutes (sized for an H200 lent for 15 minutes):
+#   1. tests/test_kernels.py compiled on CUDA (bit-exact dequantize/quantize, fused matmul) and the paged AdamW GPU
+#      tests (managed tensors, paged == torch AdamW, the capped-allocator OOM that paging survives);
+#   2. bench.py sections dequant (GB/s against the HBM copy bandwidth, the fused-vs-cuBLAS crossover that sets
+#      kernels.FUSED_MAX_TOKENS), scale (7B and 65B shapes), step (against the peers) and quant.
+# Each part has its own time limit, so one failure or hang does not eat the rest; figures land in bench/RESULTS.md.
+#
+#   bash bench/gpu.sh                     # logs in $OUT (default /tmp/qlora-gpu), RESULTS.md copied there too
+#
+# The peers' rows need bitsandbytes, which the GPU image may lack and cannot download: put its manylinux wheel for the
+# machine's Python in .whl/ (git-ignored) before the run, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl \
+#       bitsandbytes==0.50.2
+# and it is installed here first; without it those rows say "skipped: bitsandbytes not installed".
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/qlora-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+log() { echo "== $(date -u +%T) $*" | tee -a "$OUT/summary.txt"; }
+
+log "$(nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader)"
+log "$($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+log "commit $(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain 2>/dev/null | grep -q . && echo +dirty)"
+
+run() {  # run LIMIT NAME CMD...: a part under its own time limit, its output in $OUT/NAME.log
+    local limit=$1 name=$2; shift 2
+    log "$name: $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    log "$name: exit $? ($(tail -n 1 "$OUT/$name.log"))"
+    cp bench/RESULTS.md "$OUT/RESULTS.md"  # after every part: what was measured comes back even if a later one hangs
+}
+
+# the limits add up to 9 minutes, the expected times to about 6; at most 8 files come back from $OUT
+xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # the kernel tests compile a few hundred Triton
+run 180 test_kernels $PY -m pytest -q -x -p no:cacheprovider $xdist tests/test_kernels.py  # specializations
+run 60 test_paged $PY -m pytest -q -p no:cacheprovider tests/test_paged_adamw.py  # alone: it caps GPU memory
+run 75 bench_dequant $PY bench.py --section=dequant
+run 90 bench_scale $PY bench.py --section=scale
+run 100 bench_step $PY bench.py --section=step
+run 40 bench_quant $PY bench.py --section=quant
+log "done"

@@ -331,9 +331,9 @@ def bench_step(device, a, out):
     say(out, f"LLaMA dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab_size} "
         f"({n_params / 1e6:.1f}M parameters, random init, one checkpoint loaded by every row); batch {B} x {T} tokens "
         "(seeded, the same in every row), loss over all tokens; LoRA r=16, alpha 16, dropout 0 on all 7 linears of "
-        f"every block; AdamW lr 1e-4; compute {compute}. Each row runs in its own process, {rounds} time(s), the "
-        f"rows interleaved; the median of all {steps * rounds} timed steps (each run after a warm-up step), peaks "
-        "the largest of the runs" + (". On CPU every row (peers too) runs with glibc's malloc keeping freed buffers, "
+        f"every block; AdamW lr 1e-4; compute {compute}. Each row runs in its own process, "
+        f"{'once' if rounds == 1 else f'{rounds} times, the rows interleaved'}; the median of all {steps * rounds} "
+        "timed steps (each run after 2 warm-up steps), peaks the largest of the runs" + (". On CPU every row (peers too) runs with glibc's malloc keeping freed buffers, "
                                       "as train.py sets it (train.keep_freed_memory)" if device.type == "cpu" else "")
         + ".\n")
     mem = ("alloc_mib", "reserved_mib") if device.type == "cuda" else ("peak_rss_mib", "loaded_rss_mib")

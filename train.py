@@ -381,8 +381,8 @@ def peak_memory(device):
 def keep_freed_memory():
     """CPU only (glibc): keep freed buffers in the process. By default malloc hands every block over 32 MiB (often
     less) back to the OS when it is freed, so each step faults the same activations and gradients in again as fresh
-    zeroed pages. Raising the mmap and trim thresholds made bench.py's 60M-parameter CPU step 12% faster (2.75 ->
-    2.43 s) for ~8% more peak RSS; the tiny default run is unaffected. Returns whether it took effect."""
+    zeroed pages. Raising the mmap and trim thresholds made bench.py's 60M-parameter CPU step 11-14% faster (2.75 ->
+    2.40-2.45 s) for 8-20% more peak RSS; the tiny default run is unaffected. Returns whether it took effect."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune, the run is only slower

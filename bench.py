@@ -17,6 +17,7 @@ writes them, under a header (date, commit, machine, package versions), into its 
 The peers (transformers, peft, bitsandbytes) are optional: where one is missing, its rows say so, never a number.
 """
 import argparse
+import gc
 import importlib
 import importlib.metadata
 import itertools
@@ -417,7 +418,8 @@ def bench_scale(device, a, out):
     if device.type != "cuda":
         return say(out, "skipped: needs CUDA")
     rows = scale_rows("7b", (1, 16), device, a.quick)
-    torch.cuda.empty_cache()  # the 7B model is gone with scale_rows' frame
+    gc.collect()  # the 7B model and its paged states are gone with scale_rows' frame: free them now
+    torch.cuda.empty_cache()
     rows += scale_rows("65b", (1,), device, a.quick)
     say(out, "Random weights, NF4 + DQ quantized on the GPU; LoRA r=64 (bf16) on all linears; bf16 compute; "
         "gradient checkpointing; PagedAdamW; one timed step after a warm-up step.\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one run of about 7 minutes (sized for an H200 lent for 15 minutes):
+# Every check that needs a CUDA GPU, in one run of 6-8 minutes (sized for an H200 lent for 15 minutes):
 #   1. tests/test_kernels.py compiled on CUDA (bit-exact dequantize/quantize, fused matmul) and the paged AdamW GPU
 #      tests (managed tensors, paged == torch AdamW, the capped-allocator OOM that paging survives);
 #   2. bench.py sections dequant (GB/s against the HBM copy bandwidth, the fused-vs-cuBLAS crossover that sets
@@ -36,12 +36,12 @@ run() {  # run LIMIT NAME CMD...: a part under its own time limit, its output in
     cp bench/RESULTS.md "$OUT/RESULTS.md"  # after every part: what was measured comes back even if a later one hangs
 }
 
-# the limits add up to 9 minutes, the expected times to about 6; at most 8 files come back from $OUT
+# most important first; the limits add up to 8.3 minutes, the expected times to about 6; at most 8 files come back
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # the kernel tests compile a few hundred Triton
-run 180 test_kernels $PY -m pytest -q -x -p no:cacheprovider $xdist tests/test_kernels.py  # specializations
-run 60 test_paged $PY -m pytest -q -p no:cacheprovider tests/test_paged_adamw.py  # alone: it caps GPU memory
-run 75 bench_dequant $PY bench.py --section=dequant
-run 90 bench_scale $PY bench.py --section=scale
-run 100 bench_step $PY bench.py --section=step
-run 40 bench_quant $PY bench.py --section=quant
+run 150 test_kernels $PY -m pytest -q -x -p no:cacheprovider $xdist tests/test_kernels.py  # specializations
+run 45 test_paged $PY -m pytest -q -p no:cacheprovider tests/test_paged_adamw.py  # alone: it caps GPU memory
+run 120 bench_dequant $PY bench.py --section=dequant  # the fused matmul autotunes 3 tile heights x 3 shapes
+run 75 bench_scale $PY bench.py --section=scale
+run 75 bench_step $PY bench.py --section=step
+run 30 bench_quant $PY bench.py --section=quant
 log "done"

@@ -334,9 +334,9 @@ def bench_step(device, a, out):
         "(seeded, the same in every row), loss over all tokens; LoRA r=16, alpha 16, dropout 0 on all 7 linears of "
         f"every block; AdamW lr 1e-4; compute {compute}. Each row runs in its own process, "
         f"{'once' if rounds == 1 else f'{rounds} times, the rows interleaved'}; the median of all {steps * rounds} "
-        "timed steps (each run after 2 warm-up steps), peaks the largest of the runs" + (". On CPU every row (peers too) runs with glibc's malloc keeping freed buffers, "
-                                      "as train.py sets it (train.keep_freed_memory)" if device.type == "cpu" else "")
-        + ".\n")
+        "timed steps (each run after 2 warm-up steps), peaks the largest of the runs"
+        + (". On CPU every row (peers too) runs with glibc's malloc keeping freed buffers, as train.py sets it "
+           "(train.keep_freed_memory)" if device.type == "cpu" else "") + ".\n")
     mem = ("alloc_mib", "reserved_mib") if device.type == "cuda" else ("peak_rss_mib", "loaded_rss_mib")
     table(out, ["configuration", "step s (min-max)", "tokens/s", *(["peak allocated MiB", "peak reserved MiB"] if
                 device.type == "cuda" else ["peak RSS MiB", "RSS after loading MiB"]), "loss at step 1", "LoRA params"],
@@ -360,9 +360,11 @@ def bench_step(device, a, out):
         (mine, theirs), fp32_dq = top.values(), ours["median_s"] - fp32["median_s"]
         diff = sorted(((ms - theirs.get(op, (0, 0))[0], op, n, theirs.get(op, (0, 0))[1]) for op, (ms, n) in
                        mine.items()), reverse=True)[:5]
-        say(out, "\nWhy slower: both steps run the same matmuls, attention and loss; we dequantize with torch ops "
-            "(kernels.dequantize_4bit_ref: one table lookup per byte, then the block scale), bitsandbytes with one "
-            f"C++ call per weight. Against the same LoRA over fp32 weights, dequantizing costs us {fp32_dq:+.3f} s "
+        how = ("with torch ops (kernels.dequantize_4bit_ref: one table lookup per byte, then the block scale), "
+               "bitsandbytes with one C++ call per weight" if device.type == "cpu" else "with our Triton kernel, "
+               "bitsandbytes with its CUDA kernel")
+        say(out, f"\nWhy slower: both steps run the same matmuls, attention and loss; we dequantize {how}. "
+            f"Against the same LoRA over fp32 weights, dequantizing costs us {fp32_dq:+.3f} s "
             f"a step and bitsandbytes {them['median_s'] - fp32['median_s']:+.3f} s. One step's profile, the operators "
             "where ours spends the most time beyond theirs (self time):\n")
         table(out, ["operator", "ours ms", "theirs ms", "difference ms", "calls ours / theirs"],

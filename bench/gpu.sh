@@ -2,17 +2,19 @@
 # Every check that needs a CUDA GPU, in one run of 6-8 minutes (sized for an H200 lent for 15 minutes):
 #   1. tests/test_kernels.py compiled on CUDA (bit-exact dequantize/quantize, fused matmul) and the paged AdamW GPU
 #      tests (managed tensors, paged == torch AdamW, the capped-allocator OOM that paging survives);
-#   2. bench.py sections dequant (GB/s against the HBM copy bandwidth, the fused-vs-cuBLAS crossover that sets
+#   2. the default train.py run on CUDA for 100 steps (its measured peak memory is in the log);
+#   3. bench.py sections dequant (GB/s against the HBM copy bandwidth, the fused-vs-cuBLAS crossover that sets
 #      kernels.FUSED_MAX_TOKENS), scale (7B and 65B shapes), step (against the peers) and quant.
 # Each part has its own time limit, so one failure or hang does not eat the rest; figures land in bench/RESULTS.md.
 #
 #   bash bench/gpu.sh                     # logs in $OUT (default /tmp/qlora-gpu), RESULTS.md copied there too
 #
-# The peers' rows need bitsandbytes, which the GPU image may lack and cannot download: put its manylinux wheel for the
-# machine's Python in .whl/ (git-ignored) before the run, e.g.
+# The peers' rows need bitsandbytes, which the GPU image lacks and cannot download: put its wheel (43 MB; it holds
+# the CUDA 11.8-13.2 binaries) in .whl/ (git-ignored) first and carry that folder to the GPU machine, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl \
 #       bitsandbytes==0.50.2
-# and it is installed here first; without it those rows say "skipped: bitsandbytes not installed".
+# (with this workplace's device tool: command "bash bench/gpu.sh", carry [".whl"], timeout 540 s). Without it those
+# rows say "skipped: bitsandbytes not installed".
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qlora-gpu}
@@ -28,20 +30,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 log "commit $(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain 2>/dev/null | grep -q . && echo +dirty)"
 
-run() {  # run LIMIT NAME CMD...: a part under its own time limit, its output in $OUT/NAME.log
+run() {  # run LIMIT LOG CMD...: a part under its own time limit, its output appended to $OUT/LOG.log
     local limit=$1 name=$2; shift 2
     log "$name: $*"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $*" >> "$OUT/$name.log"
+    timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1
     log "$name: exit $? ($(tail -n 1 "$OUT/$name.log"))"
     cp bench/RESULTS.md "$OUT/RESULTS.md"  # after every part: what was measured comes back even if a later one hangs
 }
 
-# most important first; the limits add up to 8.3 minutes, the expected times to about 6; at most 8 files come back
+# most important first; the limits add up to 8 minutes, the expected times to about 6; at most 8 files come back
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # the kernel tests compile a few hundred Triton
-run 150 test_kernels $PY -m pytest -q -x -p no:cacheprovider $xdist tests/test_kernels.py  # specializations
-run 45 test_paged $PY -m pytest -q -p no:cacheprovider tests/test_paged_adamw.py  # alone: it caps GPU memory
-run 120 bench_dequant $PY bench.py --section=dequant  # the fused matmul autotunes 3 tile heights x 3 shapes
-run 75 bench_scale $PY bench.py --section=scale
-run 75 bench_step $PY bench.py --section=step
-run 30 bench_quant $PY bench.py --section=quant
+run 130 tests $PY -m pytest -q -x -p no:cacheprovider $xdist tests/test_kernels.py  # specializations
+run 40 tests $PY -m pytest -q -p no:cacheprovider tests/test_paged_adamw.py  # alone: it caps GPU memory
+# the training loop on CUDA end to end: bf16 compute, Triton dequantize in every matmul, paged AdamW, checkpoints
+run 45 train $PY train.py --max_steps=100 --eval_interval=50 --eval_answers=10 --out_dir=/tmp/qlora-gpu-run
+run 105 bench_dequant $PY bench.py --section=dequant  # the fused matmul autotunes 3 tile heights x 3 shapes
+run 60 bench_scale $PY bench.py --section=scale
+run 70 bench_step $PY bench.py --section=step
+run 25 bench_quant $PY bench.py --section=quant
 log "done"

@@ -1,6 +1,7 @@
 # train.py: settings, the memory plan, exact resume after SIGKILL, learning on the default task and on a real
 # pretrained model, and clear errors for bad runs.
 import json
+import platform
 import signal
 import subprocess
 import sys
@@ -156,3 +157,22 @@ def test_missing_weights_and_wrong_checkpoint_and_unknown_setting(tmp_path):
     run_train(*FAST, "--max_steps=2", "--ckpt_interval=2", f"--out_dir={tmp_path / 'run'}")
     p = run_train(*FAST, "--max_steps=4", "--lora_r=8", "--resume", f"--out_dir={tmp_path / 'run'}", check=False)
     assert p.returncode == 1 and "checkpoint has lora_r=32, this run lora_r=8" in p.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's (and /proc/self/statm Linux's)")
+def test_keep_freed_memory_keeps_a_freed_buffer():
+    # a freed 256 MiB tensor: glibc hands it back to the OS (the resident set drops); after keep_freed_memory() the
+    # process keeps it for the next step's allocations (the resident set stays)
+    code = ("import os, sys, torch, train\n"
+            "tuned = train.keep_freed_memory() if sys.argv[1] == 'tuned' else None\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20\n"
+            "t = torch.ones(2**26)\n"
+            "before = rss()\n"
+            "del t\n"
+            "print(tuned, round(before - rss()))\n")
+    out = {m: subprocess.run([sys.executable, "-c", code, m], cwd=ROOT, capture_output=True, text=True, timeout=120)
+           for m in ("default", "tuned")}
+    assert all(p.returncode == 0 for p in out.values()), [p.stderr[-2000:] for p in out.values()]
+    (_, default_drop), (tuned, tuned_drop) = [p.stdout.split() for p in out.values()]
+    assert tuned == "True", "mallopt failed on this glibc"
+    assert int(default_drop) > 200 and int(tuned_drop) < 16, (default_drop, tuned_drop)

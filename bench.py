@@ -104,8 +104,11 @@ def default_threads():
 
 
 def header(device):
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    def git(*a):  # "" where git or the repository is missing (a copied tree on another machine)
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
     commit = (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain") else "")
     info = dict(re.findall(r"^(model name|MemTotal)\s*:\s*(.+)$", "".join(
         Path(f).read_text() for f in ("/proc/cpuinfo", "/proc/meminfo") if Path(f).exists()), re.M))  # Linux

@@ -388,7 +388,9 @@ def keep_freed_memory():
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune, the run is only slower
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    return bool(mallopt(M_TRIM_THRESHOLD, 2**30) and mallopt(M_MMAP_THRESHOLD, 2**30))
+    # the mmap threshold first: a glibc that refuses 1 GiB (older ones cap it at 32 MiB) is left as it was, since a
+    # trim threshold alone turns off the adaptive mmap threshold and measured slower (3.5 s a step)
+    return bool(mallopt(M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
 def pick_device(cfg, local_rank):

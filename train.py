@@ -81,6 +81,7 @@ class Config:
     eval_answers: int = 50         # held-out prompts answered before and after (exact match); 0 = skip
     seed: int = 1337
     device: str = "auto"           # auto | cpu | cuda | cuda:N
+    deterministic: bool = False    # CUDA runs repeat bit for bit (resume included), a little slower; CPU always does
     estimate: bool = False         # print the memory plan and exit, without loading weights
 
 
@@ -184,7 +185,7 @@ def set_lora_dtype(model, cfg, compute_dtype):
             m.lora_B.to(dtype)
 
 
-def get_data(cfg, tokenizer_path):
+def get_data(cfg, tokenizer_path, device):
     """data/<name>/ prepared for this tokenizer and loss mode, (re)prepared when missing or stale; or --data=<path>
     of a folder that data/*/prepare.py already wrote."""
     folder = ROOT / "data" / cfg.data
@@ -195,7 +196,7 @@ def get_data(cfg, tokenizer_path):
             if is_main():  # one process prepares, the others wait for it
                 importlib.import_module(f"data.{cfg.data}.prepare").prepare(
                     tokenizer_path=tokenizer_path, out_dir=folder, train_on=cfg.train_on)
-            barrier()
+            barrier(device)
     elif (Path(cfg.data) / "meta.json").exists():
         folder, meta = Path(cfg.data), Path(cfg.data) / "meta.json"
         if bad := [k for k, v in want.items() if json.loads(meta.read_text()).get(k) != v]:
@@ -357,16 +358,27 @@ def load_checkpoint(cfg, model, path, compute_dtype):
 # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on CUDA, gloo on CPU
 
 
+# Every tensor handed to a collective lives on the training device: an NCCL group has no backend for CPU tensors,
+# and the CPU group is created as "cpu:gloo" so that it, too, serves one device type and a stray tensor fails on CPU.
+
+
+def init_distributed(device):
+    backend = "cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+    kw = dict(device_id=device) if device.type == "cuda" else {}  # binds NCCL's communicator to this rank's GPU
+    dist.init_process_group(backend, **kw)
+
+
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def barrier():
+def barrier(device):
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
 
 
 def all_sum(x):
+    """Sum a tensor over ranks in place; x must already be on the training device."""
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
@@ -393,6 +405,15 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
+def make_deterministic():
+    """What a CUDA run needs to repeat bit for bit (a CPU run already does): cuBLAS with a fixed workspace (read when
+    its first handle is made, so before any CUDA work), deterministic kernels only (torch raises on an op that has
+    none; scaled_dot_product_attention then picks a deterministic backward or errors), and no fused 4-bit matmul,
+    whose autotuner may choose another tiling after a restart (kernels.matmul_4bit checks this flag)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def pick_device(cfg, local_rank):
     if cfg.device != "auto":
         return torch.device(cfg.device)
@@ -407,10 +428,12 @@ def train(cfg):
     world, rank, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), \
         int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(cfg, local_rank)
+    if cfg.deterministic:
+        make_deterministic()
+    if device.type == "cuda":  # Triton and the default stream follow the current device: make it this run's GPU
+        torch.cuda.set_device(device)
     if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_distributed(device)
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.seed + rank)
@@ -424,7 +447,7 @@ def train(cfg):
     tok_path = (Path(cfg.init_from) if cfg.init_from else ROOT / "data" / cfg.data) / "tokenizer.model"
     if not tok_path.exists():
         raise ConfigError(f"no tokenizer at {tok_path}: put the model's sentencepiece tokenizer.model there")
-    train_ds, val_ds = get_data(cfg, tok_path)
+    train_ds, val_ds = get_data(cfg, tok_path, device)
     model = build_model(cfg, train_ds.meta["vocab_size"], device, compute, compute)
     if model.args.vocab_size < train_ds.meta["vocab_size"]:
         raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
@@ -449,7 +472,8 @@ def train(cfg):
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else model
     batches = MicroBatches(cfg, train_ds)
     val_batches = [collate([val_ds[i] for i in range(s, min(s + cfg.batch_size, len(val_ds)))], val_ds.pad_id,
                            cfg.max_seq_len) for s in range(0, len(val_ds), cfg.batch_size)][:cfg.eval_batches]
@@ -479,7 +503,8 @@ def train(cfg):
             g["lr"] = get_lr(cfg, step)
         micro = [batches[step * G * world + rank * G + j] for j in range(G)]
         # normalize by the trained tokens of the whole step, over all micro-batches and ranks
-        n_tokens = max(all_sum(torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in micro)))).item(), 1.0)
+        trained = torch.tensor(float(sum(int((y != IGNORE).sum()) for _, y in micro)), device=device)
+        n_tokens = max(all_sum(trained).item(), 1.0)
         loss_sum = torch.zeros((), device=device)
         for j, (x, y) in enumerate(micro):
             sync = ddp.no_sync() if world > 1 and j < G - 1 else nullcontext()  # all-reduce once, at the end
@@ -515,7 +540,7 @@ def train(cfg):
             log(f"step {step}: val loss {estimate_loss(model, val_batches, device):.4f}")
         if is_main() and ((cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_steps):
             save_checkpoint(cfg, model, optimizer, step, base_path)
-        barrier()
+        barrier(device)
     bar.close()
     if is_main():
         Q.save_adapter(model, Path(cfg.out_dir) / "adapter", base_model_name_or_path=base_path)

@@ -1,16 +1,17 @@
 # Data parallel training with torchrun (gloo on CPU): W ranks with G micro-batches each train exactly what one
 # process with W*G micro-batches does; rank 0 alone writes checkpoints; resume restores every rank; a start-up
-# error ends the job once, without a hang.
+# error ends the job once, without a hang. --device=cpu everywhere: on a GPU machine rank 1 would otherwise pick cuda:1.
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 
-COMMON = ["--batch_size=8", "--eval_answers=0", "--log_interval=1000", "--eval_interval=1000", "--lora_dropout=0"]
+COMMON = ["--device=cpu", "--batch_size=8", "--eval_answers=0", "--log_interval=1000", "--eval_interval=1000", "--lora_dropout=0"]
 TOL = 1e-4  # relative: the same sums, added in another order (all-reduce of two halves vs one process)
 
 
@@ -60,3 +61,28 @@ def test_rank_failing_at_startup_ends_the_job_once(tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert out.count("error: weights for --model=7b not found") == 1, out[-3000:]
+
+
+def test_collectives_take_tensors_on_the_training_device(tmp_path):
+    """NCCL serves CUDA tensors only, so a CPU tensor handed to it fails at step 1 ("No backend type associated with
+    device type cpu"); plain gloo serves both, which is how the CPU test missed it. A group declared for one device
+    type shows that failure on CPU; train.py declares its CPU group "cpu:gloo" (one device type, as NCCL), and the
+    loop makes every tensor it reduces on the training device."""
+    import torch
+    import torch.distributed as dist
+
+    import train as T
+    dist.init_process_group("cuda:gloo", init_method=f"file://{tmp_path / 's1'}", rank=0, world_size=1)
+    try:  # what NCCL does with the old loop's CPU token count
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            T.all_sum(torch.tensor(2.0))
+    finally:
+        dist.destroy_process_group()
+    dist.init_process_group("cpu:gloo", init_method=f"file://{tmp_path / 's2'}", rank=0, world_size=1)
+    try:
+        assert T.all_sum(torch.tensor(2.0, device="cpu")).item() == 2.0
+        T.barrier(torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    src = Path(T.__file__).read_text()  # the loop: no reduced tensor made in place without its device
+    assert "all_sum(torch.tensor(" not in src and '"cuda:nccl" if device.type == "cuda" else "cpu:gloo"' in src

@@ -97,6 +97,15 @@ def timeit(fn, device, reps, warmup=1, median=True):
     return statistics.median(times) if median else times
 
 
+def sig(x, n=3):
+    """x with n significant digits, never rounded to 0 (a 0.04 ms dequantize printed as "0.0" once read as none):
+    0.0412, 1.23, 45.6, 1,234."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    decimals = max(0, n - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:,.{decimals}f}"
+
+
 def default_threads():
     """All cores, less the ones other processes keep busy: OpenMP threads spin-wait for siblings that the OS has
     descheduled, so on 2 cores shared with one busy process, 2 threads ran a step ~15x slower than 1 (measured)."""
@@ -179,7 +188,7 @@ def bench_quant(device, a, out):
                            timeit(lambda: dequantize(state), device, 3 * reps, warmup))  # cheap: more runs
         for name, (tq, td) in times.items():
             vs = [f"{b / t:.2f}x" for b, t in zip(times["bitsandbytes"], (tq, td))] if bnb else ["-", "-"]
-            rows.append([f"{shape[0]} x {shape[1]}", name, f"{tq * 1e3:.1f}", f"{td * 1e3:.1f}", *vs])
+            rows.append([f"{shape[0]} x {shape[1]}", name, sig(tq * 1e3), sig(td * 1e3), *vs])
     table(out, ["shape (out x in), bf16", "implementation", "quantize ms", "dequantize ms",
                 "quantize speed vs bnb", "dequantize speed vs bnb"], rows)
     say(out, f"\nMedian of {reps} runs (dequantize: {3 * reps}){' after a warm-up' * warmup}. Speed vs bnb = "
@@ -204,10 +213,10 @@ def bench_dequant(device, a, out):
         for name, (quantize, dequantize) in impls.items():
             state = q if name.startswith("ours") else quantize(w)
             gbs = moved / timeit(lambda: dequantize(state), device, reps) / 1e9
-            rows.append([f"{shape[0]} x {shape[1]}", name, f"{gbs:.1f}", f"{100 * gbs / (limit / 1e9):.0f}%"])
+            rows.append([f"{shape[0]} x {shape[1]}", name, sig(gbs), f"{100 * gbs / (limit / 1e9):.0f}%"])
     cpu_threads = "" if device.type == "cuda" else f" ({torch.get_num_threads()} torch threads, as the rows)"
     say(out, f"Bandwidth limit: a 256 MiB copy on this device{cpu_threads} moves "
-        f"{limit / 1e9:.1f} GB/s (read + write).\n")
+        f"{sig(limit / 1e9)} GB/s (read + write).\n")
     table(out, ["shape (out x in)", "implementation", "dequantize GB/s moved", "of the copy bandwidth"], rows)
     if device.type != "cuda":
         say(out, "\nFused 4-bit matmul against dequantize + matmul: skipped: needs CUDA (the Triton kernel).")
@@ -343,7 +352,7 @@ def bench_step(device, a, out):
     mem = ("alloc_mib", "reserved_mib") if device.type == "cuda" else ("peak_rss_mib", "loaded_rss_mib")
     table(out, ["configuration", "step s (min-max)", "tokens/s", *(["peak allocated MiB", "peak reserved MiB"] if
                 device.type == "cuda" else ["peak RSS MiB", "RSS after loading MiB"]), "loss at step 1", "LoRA params"],
-          [[k, f"{r['median_s']:.3f} ({r['min_s']:.2f}-{r['max_s']:.2f})", f"{B * T / r['median_s']:,.0f}",
+          [[k, f"{sig(r['median_s'])} ({sig(r['min_s'])}-{sig(r['max_s'])})", sig(B * T / r['median_s']),
             *[f"{r[m]:,.0f}" for m in mem], f"{r['loss1']:.4f}", f"{r['trainable']:,}"] for k, r in res.items()])
     (ours, them, fp32, _, paged), peak = [res.get(c[0]) for c in STEP_CONFIGS], mem[0]
     say(out, f"\nThe cost of dequantization: ours NF4 + DQ takes {ours['median_s'] / fp32['median_s']:.2f}x the step "
@@ -371,7 +380,7 @@ def bench_step(device, a, out):
             f"a step and bitsandbytes {them['median_s'] - fp32['median_s']:+.3f} s. One step's profile, the operators "
             "where ours spends the most time beyond theirs (self time):\n")
         table(out, ["operator", "ours ms", "theirs ms", "difference ms", "calls ours / theirs"],
-              [[op, f"{mine[op][0]:.1f}", f"{theirs.get(op, (0,))[0]:.1f}", f"{d:+.1f}", f"{n} / {m}"]
+              [[op, sig(mine[op][0]), sig(theirs.get(op, (0,))[0]), ("+" if d > 0 else "") + sig(d), f"{n} / {m}"]
                for d, op, n, m in diff])
 
 # -----------------------------------------------------------------------------
@@ -413,9 +422,9 @@ def scale_rows(preset, batches, device, quick):
         step()  # warm-up: Triton autotuning, the optimizer's states
         torch.cuda.reset_peak_memory_stats(device)
         t = timeit(step, device, reps=1, warmup=0)
-        rows.append([preset, f"{B} x 512", f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}",
-                     f"{torch.cuda.max_memory_reserved(device) / 2**30:.1f}",
-                     f"{8 * sum(p.numel() for p in params) / 2**30:.1f}", f"{B * 512 / t:,.0f}"])
+        rows.append([preset, f"{B} x 512", sig(torch.cuda.max_memory_allocated(device) / 2**30),
+                     sig(torch.cuda.max_memory_reserved(device) / 2**30),
+                     sig(8 * sum(p.numel() for p in params) / 2**30), sig(B * 512 / t)])
     return rows
 
 

@@ -5,6 +5,8 @@
 # cudaMemPrefetchAsync), a zero-copy torch view of a managed allocation (__cuda_array_interface__), and the exact
 # update of torch.optim.AdamW (_single_tensor_adam). Managed memory is invisible to torch.cuda's memory stats
 # and to set_per_process_memory_fraction: that is the point, and also why we check free memory ourselves.
+# PagedAdamW8bit is bitsandbytes' PagedAdamW8bit: the same update with both moments stored blockwise in 8 bits
+# (Dettmers et al. 2022), a quarter of the memory; its quantization is plain torch on every device.
 import ctypes
 import ctypes.util
 import glob
@@ -13,6 +15,8 @@ import os
 import sys
 
 import torch
+
+import qlora as Q
 
 # ----------------------------------------------------------------------------------------------------------------
 # ctypes binding to libcudart, loaded on first use only, so this module imports on CPU-only machines
@@ -172,7 +176,57 @@ def prefetch(t, device=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the optimizer
+# 8-bit states: blockwise quantization with the dynamic maps (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+# Quantization"). A state tensor is cut into blocks of 256 values over its flattened elements; each block keeps one
+# fp32 absmax and each value the uint8 index of the map entry nearest to value / absmax. exp_avg (signed) uses the
+# signed dynamic map that double quantization also uses (qlora.DYNAMIC); exp_avg_sq (never negative) the unsigned
+# one, which spends the sign bit on twice the fractions per exponent. Both maps are bitsandbytes' bit for bit.
+
+STATE_BLOCKSIZE = 256  # bitsandbytes' blockwise optimizers (optimizer.py: blocksize = 256)
+
+
+def unsigned_dynamic_map():
+    """bitsandbytes' create_dynamic_map(signed=False): for each exponent 10^(i-6), i = 0..6, 2^(i+1) linear fractions
+    in [0.1, 1] (fp32, as bitsandbytes), plus 0 and 1. 256 values in [0, 1], sorted."""
+    data = []
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2 ** (i + 1) + 1)
+        data += (10 ** (i - 6) * (b[:-1] + b[1:]) / 2).tolist()
+    return torch.tensor(sorted(data + [0.0, 1.0]))
+
+
+SIGNED_MAP, UNSIGNED_MAP = Q.DYNAMIC, unsigned_dynamic_map()
+
+
+def quantize_blockwise(x, code, blocksize=STATE_BLOCKSIZE, out=None, absmax=None):
+    """x: fp32, any shape -> (codes uint8 of x.shape, absmax fp32 [ceil(n / blocksize)]), written into `out` and
+    `absmax` when given. Each value is scaled by its block's reciprocal absmax (a multiply, as bitsandbytes' CUDA
+    kernels) and takes the exactly nearest code, ties to the lower one: fp32 values and fp32 codes have exact fp64
+    midpoints. An all-zero block has absmax 0 and stores the code of 0.0."""
+    assert x.dtype == torch.float32 and code.shape == (256,), "x: fp32, code: fp32 [256]"
+    n = x.numel()
+    nb = -(-n // blocksize)
+    blocks = torch.nn.functional.pad(x.reshape(-1), (0, nb * blocksize - n)).view(nb, blocksize)
+    amax = blocks.abs().amax(dim=1)  # (nb,)
+    recip = torch.where(amax > 0, 1.0 / amax, torch.zeros_like(amax))
+    scaled = (blocks * recip[:, None]).view(-1)[:n]
+    dyn = code.to(x.device, torch.float64)
+    idx = torch.bucketize(scaled.double(), (dyn[1:] + dyn[:-1]) / 2, out_int32=True)  # (n,) int32
+    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if out is None else out
+    out.view(-1).copy_(idx)
+    absmax = amax if absmax is None else absmax.copy_(amax)
+    return out, absmax
+
+
+def dequantize_blockwise(codes, absmax, code, blocksize=STATE_BLOCKSIZE):
+    """codes uint8 (any shape), absmax fp32 [nblocks] -> fp32 of codes.shape: code[c] * absmax[block], one fp32
+    multiply (bitsandbytes' dequantize_blockwise)."""
+    n = codes.numel()
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    return (code.to(codes.device)[codes.reshape(-1).long()] * scale).view(codes.shape)
+
+# ----------------------------------------------------------------------------------------------------------------
+# the optimizers
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -180,21 +234,31 @@ class PagedAdamW(torch.optim.Optimizer):
     CUDA parameters of at least `page_threshold` elements (bitsandbytes' rule: small tensors are not worth paging)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 page_threshold=100_000, paged=True):
+                 page_threshold=100_000, paged=True, **extra):
         if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid hyperparameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        page_threshold=page_threshold, paged=paged)
+                        page_threshold=page_threshold, paged=paged, **extra)
         super().__init__(params, defaults)
 
     @staticmethod
     def _is_paged(p, group):
         return group["paged"] and p.is_cuda and p.numel() >= max(group["page_threshold"], 1)
 
-    def _new_moment(self, p, group):  # an fp32 zero tensor shaped like p, paged or not by the rule above
-        if self._is_paged(p, group):
-            return managed_tensor(p.shape, torch.float32, p.device)
-        return torch.zeros_like(p, dtype=torch.float32)
+    def _zeros(self, p, group, shape, dtype, pageable=True):  # paged or not by the rule above
+        if pageable and self._is_paged(p, group):
+            return managed_tensor(shape, dtype, p.device)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    # the layout of one parameter's state: name -> (shape, dtype, pageable); 32-bit: two fp32 moments shaped like p
+    def _layout(self, p, group):
+        return {"exp_avg": (p.shape, torch.float32, True), "exp_avg_sq": (p.shape, torch.float32, True)}
+
+    def _moments(self, state):  # fp32 m, v to update in place
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store(self, state, m, v):  # 32-bit: m and v are the state itself, nothing to write back
+        pass
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -208,15 +272,17 @@ class PagedAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("PagedAdamW does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if not state:  # step is a CPU fp32 scalar tensor, as torch's non-capturable AdamW keeps it
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"], state["exp_avg_sq"] = self._new_moment(p, group), self._new_moment(p, group)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
+                    for name, (shape, dtype, pageable) in self._layout(p, group).items():
+                        state[name] = self._zeros(p, group, shape, dtype, pageable)
                 if self._is_paged(p, group) and cudart().concurrent_managed_access(p.device.index):
-                    prefetch(m)  # bring evicted pages back before the kernels below touch them
-                    prefetch(v)
+                    for name, (_, _, pageable) in self._layout(p, group).items():
+                        if pageable:
+                            prefetch(state[name])  # bring evicted pages back before the kernels below touch them
+                m, v = self._moments(state)
                 state["step"] += 1
                 step = state["step"].item()
                 # the maths in fp32 even for bf16/fp16 params: the update lr*m/sqrt(v) is far below bf16's
@@ -235,6 +301,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 p32.addcdiv_(m, denom, value=-step_size)  # p <- p - lr m_hat / (sqrt(v_hat) + eps)
                 if p32 is not p:
                     p.copy_(p32)
+                self._store(state, m, v)
         return loss
 
     def state_dict(self):
@@ -245,13 +312,63 @@ class PagedAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        # torch's loader would cast the moments to the param's dtype and device (bf16 moments, allocated in
-        # torch's pool); give it only the step counters, then rebuild fp32 moments in (managed) memory ourselves
+        # torch's loader would cast the states to the param's dtype and device (bf16 moments, allocated in
+        # torch's pool); give it only the step counters, then rebuild the states in (managed) memory ourselves
         saved = state_dict["state"]
         steps = {k: {"step": torch.tensor(float(s["step"]), dtype=torch.float32)} for k, s in saved.items()}
-        super().load_state_dict({**state_dict, "state": steps})
+        groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]  # settings another optimizer lacks
+        super().load_state_dict({**state_dict, "state": steps, "param_groups": groups})
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for p, k in zip(group["params"], saved_group["params"]):
-                if k in saved:  # a param that had no gradient yet has no state
-                    for name in ("exp_avg", "exp_avg_sq"):
-                        self.state[p][name] = self._new_moment(p, group).copy_(saved[k][name])
+                if k not in saved:  # a param that had no gradient yet has no state
+                    continue
+                layout = self._layout(p, group)
+                if sorted(layout) != sorted(n for n in saved[k] if n != "step"):
+                    raise ValueError(f"{type(self).__name__}: the saved state of parameter {k} holds "
+                                     f"{sorted(saved[k])}, this optimizer keeps {sorted(layout)}: it was saved by "
+                                     "another optimizer (32-bit and 8-bit states do not convert)")
+                for name, (shape, dtype, pageable) in layout.items():
+                    t = saved[k][name]
+                    if t.shape != shape or t.dtype != dtype:
+                        raise ValueError(f"{type(self).__name__}: saved {name} of parameter {k} is {t.dtype} "
+                                         f"{list(t.shape)}, expected {dtype} {list(shape)}")
+                    self.state[p][name] = self._zeros(p, group, shape, dtype, pageable).copy_(t)
+
+
+class PagedAdamW8bit(PagedAdamW):
+    """bitsandbytes' PagedAdamW8bit: the same AdamW update, with both moments stored blockwise in 8 bits (uint8
+    codes in managed memory, like the fp32 moments of PagedAdamW, plus one fp32 absmax per 256 values): 2.03 bytes
+    per trained parameter instead of 8. Each step dequantizes a parameter's moments to fp32, updates them and the
+    parameter exactly as PagedAdamW does, and quantizes them back; so the only difference from PagedAdamW is the
+    rounding of the stored moments. Parameters under `min_8bit_size` elements keep fp32 moments (bitsandbytes' rule:
+    for them the absmax overhead is large and the saving nil)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 page_threshold=100_000, paged=True, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, page_threshold, paged, min_8bit_size=min_8bit_size)
+
+    def _layout(self, p, group):
+        if p.numel() < group["min_8bit_size"]:
+            return super()._layout(p, group)
+        nb = (-(-p.numel() // STATE_BLOCKSIZE),)
+        return {"exp_avg": (p.shape, torch.uint8, True), "exp_avg_absmax": (nb, torch.float32, False),
+                "exp_avg_sq": (p.shape, torch.uint8, True), "exp_avg_sq_absmax": (nb, torch.float32, False)}
+
+    def _moments(self, state):
+        if state["exp_avg"].dtype == torch.float32:
+            return super()._moments(state)
+        return (dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], SIGNED_MAP),
+                dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], UNSIGNED_MAP))
+
+    def _store(self, state, m, v):
+        if state["exp_avg"].dtype == torch.uint8:  # requantize in place: codes and absmax keep their memory
+            quantize_blockwise(m, SIGNED_MAP, out=state["exp_avg"], absmax=state["exp_avg_absmax"])
+            quantize_blockwise(v, UNSIGNED_MAP, out=state["exp_avg_sq"], absmax=state["exp_avg_sq_absmax"])
+
+
+def state_bytes(numel, bits=32, min_8bit_size=4096):
+    """Bytes of one parameter's optimizer states: two fp32 moments, or two uint8 code tensors and their fp32 absmax
+    (for parameters of at least min_8bit_size elements). For the memory plan."""
+    if bits == 32 or numel < min_8bit_size:
+        return 8 * numel
+    return 2 * (numel + 4 * -(-numel // STATE_BLOCKSIZE))

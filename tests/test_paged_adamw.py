@@ -1,5 +1,7 @@
 # PagedAdamW: parity with torch.optim.AdamW, checkpoint round trip, the CPU path without CUDA, and on a GPU the
 # managed tensors and the reason the optimizer exists (its states survive a capped torch allocator).
+# PagedAdamW8bit: its maps and blockwise quantization against bitsandbytes, its update against a plain-torch
+# reference of the algorithm step by step, its states' layout and size, checkpoint round trip and exact resume.
 import gc
 import os
 import subprocess
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import paged_adamw
-from paged_adamw import ManagedBuffer, PagedAdamW, managed_tensor, prefetch
+from paged_adamw import ManagedBuffer, PagedAdamW, PagedAdamW8bit, managed_tensor, prefetch
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (managed memory)")
@@ -65,23 +67,30 @@ def test_bf16_params_update_in_fp32(device):
     assert opt16.state[p16]["exp_avg"].dtype == torch.float32
 
 
-def test_state_dict_round_trip(tmp_path):
+OPTIMIZERS = {"32-bit": lambda ps, **kw: PagedAdamW(ps, **kw),
+              "8-bit": lambda ps, **kw: PagedAdamW8bit(ps, min_8bit_size=128, **kw)}  # mlp's 2 weights in 8 bits
+
+
+@pytest.mark.parametrize("bits", OPTIMIZERS)
+def test_state_dict_round_trip(tmp_path, bits):
     # uninterrupted 100 steps == 50 steps, save, load into a fresh model + optimizer, 50 more steps (exactly)
+    make = OPTIMIZERS[bits]
     full = mlp()
-    train(full, PagedAdamW(full.parameters(), weight_decay=0.1), 100)
+    train(full, make(full.parameters(), weight_decay=0.1), 100)
 
     first = mlp()
-    opt = PagedAdamW(first.parameters(), weight_decay=0.1)
+    opt = make(first.parameters(), weight_decay=0.1)
     train(first, opt, 50)
     torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for s in ckpt["opt"]["state"].values():
-        assert s["exp_avg"].device.type == s["exp_avg_sq"].device.type == "cpu"
-        assert s["exp_avg"].dtype == torch.float32 and s["step"].item() == 50
+        assert all(t.device.type == "cpu" for t in s.values()) and s["step"].item() == 50
+    codes = sorted(str(s["exp_avg"].dtype) for s in ckpt["opt"]["state"].values())
+    assert codes == (["torch.float32"] * 4 if bits == "32-bit" else ["torch.float32"] * 2 + ["torch.uint8"] * 2)
 
     resumed = mlp()
     resumed.load_state_dict(ckpt["model"])
-    opt = PagedAdamW(resumed.parameters(), weight_decay=0.1)
+    opt = make(resumed.parameters(), weight_decay=0.1)
     opt.load_state_dict(ckpt["opt"])
     train(resumed, opt, 50, start=50)
     for p, q in zip(full.parameters(), resumed.parameters()):
@@ -124,6 +133,151 @@ def test_managed_tensor_rejects_cpu():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# PagedAdamW8bit
+
+
+def bnb_functional():
+    return pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: 8-bit state parity not checked"
+                               ).functional
+
+
+def state_values(numel, signed):  # Adam-like states: several orders of magnitude, a zero block, a partial block
+    torch.manual_seed(1)
+    x = torch.randn(numel) * torch.logspace(-6, 0, numel)[torch.randperm(numel)]
+    x[256:512] = 0
+    return x if signed else x.square()
+
+
+def test_state_maps_are_bitsandbytes_maps():
+    F = bnb_functional()
+    assert torch.equal(paged_adamw.SIGNED_MAP, F.create_dynamic_map(signed=True))
+    assert torch.equal(paged_adamw.UNSIGNED_MAP, F.create_dynamic_map(signed=False))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("numel", [1, 255, 256, 5000, 65536 + 77])
+def test_blockwise_quantization_matches_bitsandbytes(signed, numel):
+    # codes and absmax bit-identical to bitsandbytes' quantize_blockwise as its torch kernel computes it (the
+    # semantics of its CUDA kernel: the nearest code); its CPU C++ kernel picks codes through a 65536-entry lookup
+    # table, which can miss the nearest code: there ours must be the nearest and strictly closer. Dequantization
+    # bit-identical both ways, on our codes and on theirs.
+    F = bnb_functional()
+    code = paged_adamw.SIGNED_MAP if signed else paged_adamw.UNSIGNED_MAP
+    x = state_values(numel, signed) if numel > 512 else torch.randn(numel)
+    x = x if signed else x.abs()
+    q, absmax = paged_adamw.quantize_blockwise(x, code)
+    assert q.dtype == torch.uint8 and q.shape == x.shape and absmax.shape == (-(-numel // 256),)
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    ref_q, ref_absmax = op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd),
+                                      x, code, 256)  # bitsandbytes' pure-torch kernel (backends/default)
+    assert torch.equal(q, ref_q) and torch.equal(absmax, ref_absmax)
+
+    cq, state = F.quantize_blockwise(x, code=code, blocksize=256)  # the CPU kernel
+    assert torch.equal(absmax, state.absmax)
+    diff = (q != cq).nonzero().flatten()
+    if len(diff):
+        blocks = diff // 256
+        scaled = (x[diff] * torch.where(absmax[blocks] > 0, 1 / absmax[blocks], 0)).double()
+        ours, theirs = (scaled - code.double()[q[diff].long()]).abs(), (scaled - code.double()[cq[diff].long()]).abs()
+        assert torch.equal(ours, (scaled[:, None] - code.double()[None]).abs().min(dim=1).values)
+        assert ((ours < theirs) | (absmax[blocks] == 0)).all()  # a zero block dequantizes to 0 either way
+        print(f"{numel} values, {'signed' if signed else 'unsigned'}: {len(diff)} codes differ from bitsandbytes' "
+              "CPU lookup table; ours are the exactly nearest")
+    for codes in (q, cq):
+        ours = paged_adamw.dequantize_blockwise(codes, absmax, code)
+        assert torch.equal(ours, F.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=256))
+
+
+def quantize_ref(x, code):
+    """The 8-bit state format written out: per block of 256 the absmax, then the index of the nearest code to
+    x * (1 / absmax), ties to the lower index (argmin returns the first)."""
+    n = x.numel()
+    out, absmax = torch.empty(n, dtype=torch.uint8), torch.empty(-(-n // 256))
+    flat = x.reshape(-1)
+    for b in range(absmax.numel()):
+        blk = flat[b * 256:(b + 1) * 256]
+        absmax[b] = blk.abs().max()
+        scaled = blk * (1 / absmax[b]) if absmax[b] > 0 else torch.zeros_like(blk)
+        out[b * 256:(b + 1) * 256] = (scaled.double()[:, None] - code.double()[None]).abs().argmin(dim=1)
+    return out.view(x.shape), absmax
+
+
+def dequantize_ref(q, absmax, code):
+    return (code[q.reshape(-1).long()] * absmax.repeat_interleave(256)[:q.numel()]).view(q.shape)
+
+
+def test_8bit_update_equals_reference_step_by_step():
+    # the algorithm in plain torch: dequantize both moments, torch's AdamW update in fp32, quantize them back;
+    # parameters and stored states equal at every step
+    hp = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.1)
+    model, ref = mlp(), mlp()
+    opt = PagedAdamW8bit(model.parameters(), min_8bit_size=128, **hp)  # weights (512, 128) 8-bit, biases fp32
+    signed, unsigned = paged_adamw.SIGNED_MAP, paged_adamw.UNSIGNED_MAP
+    states = {p: None for p in ref.parameters()}
+    for step in range(1, 31):
+        train(model, opt, 1, start=step)
+        train(ref, torch.optim.SGD(ref.parameters(), lr=0.0), 1, start=step)  # only the same gradients
+        with torch.no_grad():
+            for p in ref.parameters():
+                g, small = p.grad, p.numel() < 128
+                if states[p] is None:
+                    z = torch.zeros_like(p)
+                    states[p] = [z, z.clone()] if small else [*quantize_ref(z, signed), *quantize_ref(z, unsigned)]
+                s = states[p]
+                m, v = (s[0].clone(), s[1].clone()) if small else \
+                    (dequantize_ref(s[0], s[1], signed), dequantize_ref(s[2], s[3], unsigned))
+                p.mul_(1 - hp["lr"] * hp["weight_decay"])
+                m.lerp_(g, 1 - hp["betas"][0])
+                v.mul_(hp["betas"][1]).addcmul_(g, g, value=1 - hp["betas"][1])
+                denom = (v.sqrt() / (1 - hp["betas"][1] ** step) ** 0.5).add_(hp["eps"])
+                p.addcdiv_(m, denom, value=-hp["lr"] / (1 - hp["betas"][0] ** step))
+                states[p] = [m, v] if small else [*quantize_ref(m, signed), *quantize_ref(v, unsigned)]
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert torch.equal(p, q), f"step {step}: {name}"
+            st, s = opt.state[p], states[q]
+            mine = [st["exp_avg"], st["exp_avg_sq"]] if len(s) == 2 else \
+                [st["exp_avg"], st["exp_avg_absmax"], st["exp_avg_sq"], st["exp_avg_sq_absmax"]]
+            assert all(torch.equal(a, b) for a, b in zip(mine, s)), f"step {step}: states of {name}"
+
+
+def test_8bit_state_layout_and_size():
+    big, small = torch.nn.Parameter(torch.zeros(300, 70)), torch.nn.Parameter(torch.zeros(4095))
+    opt = PagedAdamW8bit([big, small])  # bitsandbytes' min_8bit_size: 4096
+    for p in (big, small):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    s = opt.state[big]
+    assert s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.uint8 and s["exp_avg"].shape == big.shape
+    assert s["exp_avg_absmax"].shape == s["exp_avg_sq_absmax"].shape == (83,)  # ceil(21000 / 256)
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    for p in (big, small):
+        held = sum(t.nbytes for k, t in opt.state[p].items() if k != "step")
+        assert held == paged_adamw.state_bytes(p.numel(), bits=8)
+    assert paged_adamw.state_bytes(21000, bits=32) == 8 * 21000
+
+
+def test_8bit_tracks_32bit_adamw():
+    # the moments' rounding changes the path only a little: after 200 steps the 8-bit run is as far from the
+    # start as the 32-bit one and close to it (within 5% of the distance travelled)
+    start, a, b = mlp(), mlp(), mlp()
+    train(a, PagedAdamW(a.parameters(), lr=3e-3), 200)
+    train(b, PagedAdamW8bit(b.parameters(), lr=3e-3, min_8bit_size=128), 200)
+    for p0, pa, pb in zip(start.parameters(), a.parameters(), b.parameters()):
+        assert (pa - pb).norm() < 0.05 * (pa - p0).norm()
+
+
+def test_loading_another_optimizers_state_is_an_error():
+    m32, m8 = mlp(), mlp()
+    o32, o8 = PagedAdamW(m32.parameters()), PagedAdamW8bit(m8.parameters(), min_8bit_size=128)
+    train(m32, o32, 1)
+    train(m8, o8, 1)
+    with pytest.raises(ValueError, match="another optimizer"):
+        PagedAdamW8bit(mlp().parameters(), min_8bit_size=128).load_state_dict(o32.state_dict())
+    with pytest.raises(ValueError, match="another optimizer"):
+        PagedAdamW(mlp().parameters()).load_state_dict(o8.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU only
 
 
@@ -154,11 +308,13 @@ def test_managed_tensor_is_a_cuda_tensor_freed_once():
 
 
 @cuda
-def test_managed_tensor_refuses_more_than_free_memory():
-    free, _ = torch.cuda.mem_get_info()
+def test_managed_tensor_refuses_more_than_the_card_holds():
+    # more than the card's total, not free + 1: free memory changes under other processes, and a request just
+    # under it that slipped through would map nearly all of the GPU as managed memory
+    _, total = torch.cuda.mem_get_info()
     frees = ManagedBuffer.frees
     with pytest.raises(RuntimeError, match="refusing"):
-        managed_tensor((free + 1,), torch.uint8, "cuda")  # checked before any allocation is made
+        managed_tensor((total + 1,), torch.uint8, "cuda")  # checked before any allocation is made
     assert ManagedBuffer.frees == frees
 
 

@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import resource
 import shutil
 import sys
@@ -28,7 +29,7 @@ from tqdm import tqdm
 import model as M
 import qlora as Q
 from data.batching import IGNORE, collate, length_grouped_batches, load_split, packed_batches
-from data.oasst1.prepare import file_sha256
+from data.oasst1.prepare import DataError, file_sha256
 from paged_adamw import PagedAdamW
 
 ROOT = Path(__file__).resolve().parent
@@ -77,8 +78,9 @@ class Config:
     log_interval: int = 10
     ckpt_interval: int = 100       # steps between checkpoints (0: only at the end)
     keep_ckpts: int = 3
-    resume: bool = False           # continue from the newest checkpoint in out_dir
-    eval_answers: int = 50         # held-out prompts answered before and after (exact match); 0 = skip
+    resume: bool = False           # continue from the newest intact checkpoint in out_dir
+    overwrite: bool = False        # start afresh in an out_dir that holds a run: deletes its checkpoints and adapter
+    eval_answers: int = 100        # held-out prompts per task answered before and after (exact match); 0 = skip
     seed: int = 1337
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     deterministic: bool = False    # CUDA runs repeat bit for bit (resume included), a little slower; CPU always does
@@ -125,13 +127,50 @@ def parse_config(argv):
         setattr(cfg, key, value)
     M.get_args(cfg.model)  # an unknown preset lists the valid ones
     for key, allowed in (("quant_type", ("nf4", "fp4", "int4", "none")), ("schedule", ("constant", "cosine")),
-                         ("optimizer", ("paged_adamw", "adamw")), ("train_on", ("assistant", "all"))):
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+                         ("optimizer", ("paged_adamw", "adamw")), ("train_on", ("assistant", "all")),
+                         ("compute_dtype", dtypes), ("lora_dtype", dtypes)):
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
     return cfg
+    for key, ok, allowed in CHECKS:  # settings that would train nothing, or crash deep inside
+        if not ok(getattr(cfg, key)):
+            raise ConfigError(f"--{key}={getattr(cfg, key)} is out of range: {allowed}")
+    check_device(cfg.device)
 
 
 def get_lr(cfg, step):
+# (setting, test, what it allows): every value outside these trains nothing or fails deep inside the run
+CHECKS = [(k, lambda v: v >= 1, "a whole number >= 1") for k in (
+              "max_steps", "batch_size", "grad_accum", "lora_r", "max_seq_len", "eval_interval", "eval_batches",
+              "log_interval", "keep_ckpts")] + [
+    (k, lambda v: v >= 0, "a whole number >= 0 (0: off)") for k in ("ckpt_interval", "eval_answers")] + [
+    ("blocksize", lambda v: v in (32, 64, 128, 256, 512, 1024, 2048, 4096), "a power of two from 32 to 4096"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("lora_alpha", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("max_grad_norm", lambda v: v > 0, "a number > 0 (inf: no clipping)"),  # nan > 0 is False: refused too
+    ("lora_dropout", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "from 0 to 1"),
+    ("beta1", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    ("beta2", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")]
+
+
+def check_device(name):
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, not {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, not {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name}: no CUDA GPU is available here (torch {torch.__version__}); use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
     """Linear warmup over warmup_ratio of the steps, then constant (the paper) or cosine to 10%."""
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
     if step < warmup:
@@ -186,16 +225,22 @@ def set_lora_dtype(model, cfg, compute_dtype):
 
 
 def get_data(cfg, tokenizer_path, device):
-    """data/<name>/ prepared for this tokenizer and loss mode, (re)prepared when missing or stale; or --data=<path>
-    of a folder that data/*/prepare.py already wrote."""
-    folder = ROOT / "data" / cfg.data
+    """data/<name>/prepared/<tokenizer hash>-<loss mode>/, prepared on first use; or --data=<path> of a folder that
+    data/*/prepare.py already wrote. Each tokenizer gets its own folder, written whole under a temporary name and
+    renamed, so preparing for another tokenizer never changes the files a running job has mapped."""
     want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=cfg.train_on)
-    meta = folder / "meta.json"
-    if (folder / "prepare.py").exists():
-        if not meta.exists() or any(json.loads(meta.read_text()).get(k) != v for k, v in want.items()):
+    if (ROOT / "data" / cfg.data / "prepare.py").exists():
+        folder = ROOT / "data" / cfg.data / "prepared" / f"{want['tokenizer_sha256'][:12]}-{cfg.train_on}"
+        if not (folder / "meta.json").exists():
             if is_main():  # one process prepares, the others wait for it
                 importlib.import_module(f"data.{cfg.data}.prepare").prepare(
-                    tokenizer_path=tokenizer_path, out_dir=folder, train_on=cfg.train_on)
+                tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                    tokenizer_path=tokenizer_path, out_dir=tmp, train_on=cfg.train_on)
+                try:
+                    os.replace(tmp, folder)
+                except OSError:  # another job prepared the same folder first: its files are the same
+                    shutil.rmtree(tmp)
             barrier(device)
     elif (Path(cfg.data) / "meta.json").exists():
         folder, meta = Path(cfg.data), Path(cfg.data) / "meta.json"
@@ -207,6 +252,15 @@ def get_data(cfg, tokenizer_path, device):
 
 
 def micro_batches(cfg, ds, epoch):
+def log_record(line):
+    """One line of log.jsonl, or None for a line torn by a kill mid-write (it is dropped, and rewritten)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) and isinstance(r.get("step"), int) else None
+
+
     """The epoch's micro-batches as (input_ids, targets), in a fixed order given (seed, epoch)."""
     if cfg.packing:
         return packed_batches(ds, cfg.batch_size, cfg.max_seq_len, cfg.seed, epoch)
@@ -319,6 +373,28 @@ def fsync_save(obj, path):
 
 
 def save_checkpoint(cfg, model, optimizer, step, base_path):
+def check_finite(model, step):
+    """Nothing non-finite is ever saved: an update can turn finite gradients into NaN weights (AdamW's squared
+    gradient overflows fp32), and a checkpoint of those would make --resume fail again at once."""
+    if bad := [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
+        raise TrainingError(f"the update of step {step} made {len(bad)} LoRA tensors non-finite (first: {bad[0]}); "
+                            "nothing was saved for it")
+
+
+def save_adapter(cfg, model, base_path):
+    """The final adapter, replaced whole: written beside and renamed, so a crash keeps the old one or the new one."""
+    final = Path(cfg.out_dir) / "adapter"
+    tmp, old = final.with_name("adapter.tmp"), final.with_name("adapter.old")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    Q.save_adapter(model, tmp, base_model_name_or_path=base_path)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
     out = Path(cfg.out_dir)
     final, tmp = out / f"ckpt-{step:06d}", out / f"ckpt-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,20 +417,79 @@ def latest_checkpoint(out_dir):
     return done[-1] if done else None
 
 
-def load_checkpoint(cfg, model, path, compute_dtype):
+# what --resume may change: how long and how fast the run goes on, and what it prints. Everything else (the model,
+# data, batch, seed, optimizer, schedule, dropout...) must be the checkpoint's, or the run is not the same run.
+RESUME_MAY_CHANGE = {"max_steps", "lr", "max_grad_norm", "eval_interval", "eval_batches", "log_interval",
+                     "ckpt_interval", "keep_ckpts", "eval_answers", "device", "deterministic", "resume", "overwrite",
+                     "estimate", "out_dir"}
+
+
+def load_checkpoint(cfg, model, path, compute_dtype, log):
     """Check the checkpoint belongs to this run, load its adapter into the model; return the trainer state."""
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    for key in ("model", "init_from", "quant_type", "double_quant", "blocksize", "lora_r", "lora_alpha",
-                "target_modules", "data", "batch_size", "grad_accum", "seed"):
-        if state["config"].get(key) != getattr(cfg, key):
-            raise ConfigError(f"{path}: checkpoint has {key}={state['config'].get(key)!r}, this run {key}="
-                              f"{getattr(cfg, key)!r}; it comes from a different model or run: use another --out_dir")
+    if not (isinstance(state, dict) and {"optimizer", "step", "config", "rng"} <= state.keys()):
+        raise M.CheckpointError(f"{path / 'trainer_state.pt'}: not a trainer state (no optimizer, step, config, rng)")
+    for key, value in asdict(cfg).items():
+        old = state["config"].get(key, getattr(Config, key))  # a setting newer than the checkpoint: its default
+        if old != value and key not in RESUME_MAY_CHANGE:
+            raise ConfigError(f"{path}: checkpoint has {key}={old!r}, this run {key}={value!r}; --resume may change "
+                              f"only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'estimate'}))}: "
+                              "use the checkpoint's value, or another --out_dir")
+        if old != value and key in ("max_steps", "lr", "max_grad_norm"):
+            log(f"--resume: {key} {old} -> {value} (allowed: the run goes on with the new value)")
+    if state["step"] > cfg.max_steps:
+        raise ConfigError(f"{path}: the checkpoint is at step {state['step']}, past --max_steps={cfg.max_steps}; "
+                          "raise --max_steps to go on")
     Q.load_adapter(model, path)  # new lora_A / lora_B modules: the optimizer must be built after this
     set_lora_dtype(model, cfg, compute_dtype)
     return state
 
 
 # -----------------------------------------------------------------------------
+def resume_from(cfg, model, compute_dtype, log):
+    """The newest checkpoint that loads; a damaged one (a torn file, a full disk) is passed over, saying so."""
+    for ckpt in sorted(Path(cfg.out_dir).glob("ckpt-[0-9]*[0-9]"), reverse=True):
+        try:
+            state = load_checkpoint(cfg, model, ckpt, compute_dtype, log)
+        except ConfigError:
+            raise
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as e:
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            log(f"--resume: {ckpt} is damaged ({type(e).__name__}: {why}); trying the one before it")
+            continue
+        log(f"resuming from {ckpt} at step {state['step']}")
+        return state
+    log(f"--resume: no intact checkpoint in {cfg.out_dir}, starting at step 0")
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the out_dir rule: a run's files are never written over without a flag
+
+
+RUN_FILES = ("log.jsonl", "adapter", "base")  # and the ckpt-NNNNNN folders
+
+
+def holds_run(out):
+    return out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or any(out.glob("ckpt-[0-9]*")))
+
+
+def claim_out_dir(cfg):
+    """--resume goes on with the run in out_dir; --overwrite deletes that run's files (and nothing else) and starts
+    afresh; with neither, a new run never touches an out_dir that holds one: it goes to the first free out_dir-2,
+    out_dir-3, ... and says so, so `python train.py` twice in a row keeps both runs. Returns the files to delete."""
+    out = Path(cfg.out_dir)
+    if cfg.resume or not holds_run(out):
+        return []
+    if cfg.overwrite:
+        return [out / f for f in RUN_FILES if (out / f).exists()] + sorted(out.glob("ckpt-[0-9]*"))
+    n = 2
+    while holds_run(Path(f"{cfg.out_dir}-{n}")):
+        n += 1
+    cfg.out_dir = f"{cfg.out_dir}-{n}"
+    return []
+
+
 # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on CUDA, gloo on CPU
 
 
@@ -439,7 +574,13 @@ def train(cfg):
     torch.manual_seed(cfg.seed + rank)
     log = tqdm.write if is_main() else (lambda *a, **k: None)  # prints above the progress bar
     if is_main():
+    asked, stale = cfg.out_dir, claim_out_dir(cfg)  # every rank decides alike before any rank writes
+    barrier(device)
+    if cfg.out_dir != asked:
+        log(f"{asked} holds a run (--resume goes on with it, --overwrite replaces it): this one goes to {cfg.out_dir}")
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        for p in stale:  # --overwrite: the old run's own files, nothing else in the folder
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     compute = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.compute_dtype == "auto" \
         else getattr(torch, cfg.compute_dtype)
 
@@ -453,14 +594,10 @@ def train(cfg):
         raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
                           f"{model.args.vocab_size}")
     base_path = cfg.init_from or str(Path(cfg.out_dir) / "base")
-    if not cfg.init_from and is_main() and cfg.quant_type in ("nf4", "fp4"):  # a random base is part of the
-        Q.save_quantized(model, base_path, tokenizer=tok_path)  # result: keep it, in bitsandbytes' 4-bit format
-    state = None
-    if cfg.resume and (ckpt := latest_checkpoint(cfg.out_dir)) is not None:
-        state = load_checkpoint(cfg, model, ckpt, compute)
-        log(f"resuming from {ckpt} at step {state['step']}")
-    elif cfg.resume:
-        log(f"--resume: no checkpoint in {cfg.out_dir}, starting at step 0")
+    if not cfg.init_from and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
+            base_path, "model.safetensors").exists()):  # a random base is part of the result: keep it, in
+        Q.save_quantized(model, base_path, tokenizer=tok_path)  # bitsandbytes' 4-bit format
+    state = resume_from(cfg, model, compute, log) if cfg.resume else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     optimizer = PagedAdamW(params, **opt_args) if cfg.optimizer == "paged_adamw" else \
@@ -480,6 +617,9 @@ def train(cfg):
 
     seq = batches[0][0].size(1)  # the longest batch comes first: the plan's activations are the step's worst
     plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize)
+    if not any(bool((y != IGNORE).any()) for _, y in batches.batches):
+        raise ConfigError(f"--max_seq_len={cfg.max_seq_len} cuts off every trained token of data {cfg.data!r} (the "
+                          "replies come after the prompts): nothing would be learned; raise it")
     if is_main():
         print_plan(plan, account)
     if step == 0:
@@ -495,7 +635,8 @@ def train(cfg):
     G, losses, t0, n_seen = cfg.grad_accum, [], time.time(), 0
     if is_main():  # the log keeps the steps up to where this run starts (a killed run may have logged past it)
         logf = Path(cfg.out_dir) / "log.jsonl"
-        keep = [l for l in logf.read_text().splitlines() if json.loads(l)["step"] <= step] if logf.exists() else []
+        keep = [l for l in logf.read_text().splitlines() if (r := log_record(l)) and r["step"] <= step] \
+            if logf.exists() else []
         logf.write_text("".join(l + "\n" for l in keep))
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not is_main(), dynamic_ncols=True)
     while step < cfg.max_steps:
@@ -538,13 +679,15 @@ def train(cfg):
             t0, n_seen = time.time(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             log(f"step {step}: val loss {estimate_loss(model, val_batches, device):.4f}")
-        if is_main() and ((cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_steps):
-            save_checkpoint(cfg, model, optimizer, step, base_path)
+        if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_steps:
+            check_finite(model, step)
+            if is_main():
+                save_checkpoint(cfg, model, optimizer, step, base_path)
         barrier(device)
     bar.close()
     if is_main():
-        Q.save_adapter(model, Path(cfg.out_dir) / "adapter", base_model_name_or_path=base_path)
-        log(f"adapter (PEFT format) in {Path(cfg.out_dir) / 'adapter'}")
+        check_finite(model, step)
+        log(f"adapter (PEFT format) in {save_adapter(cfg, model, base_path)}")
         if device.type == "cuda":
             log(f"measured peak: {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB allocated, "
                 f"{torch.cuda.max_memory_reserved(device) / 2**20:,.0f} MiB reserved")
@@ -562,12 +705,15 @@ def main(argv):
         if cfg.estimate:
             return estimate_only(cfg)
         train(cfg)
-    except (ConfigError, TrainingError, M.CheckpointError) as e:
+    except (ConfigError, TrainingError, M.CheckpointError, DataError) as e:
         # every rank hits the same start-up error: say it once, and exit non-zero so torchrun stops the others
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
+    except OSError as e:  # a full disk, a folder that cannot be written: the file and what the system said
+        print(f"error: {e.filename or 'out_dir'}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -126,20 +126,19 @@ def parse_config(argv):
                 raise ConfigError(f"--{key} takes a {kind.__name__}, not {value!r}") from None
         setattr(cfg, key, value)
     M.get_args(cfg.model)  # an unknown preset lists the valid ones
-    for key, allowed in (("quant_type", ("nf4", "fp4", "int4", "none")), ("schedule", ("constant", "cosine")),
     dtypes = ("auto", "float32", "bfloat16", "float16")
+    for key, allowed in (("quant_type", ("nf4", "fp4", "int4", "none")), ("schedule", ("constant", "cosine")),
                          ("optimizer", ("paged_adamw", "adamw")), ("train_on", ("assistant", "all")),
                          ("compute_dtype", dtypes), ("lora_dtype", dtypes)):
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
-    return cfg
     for key, ok, allowed in CHECKS:  # settings that would train nothing, or crash deep inside
         if not ok(getattr(cfg, key)):
             raise ConfigError(f"--{key}={getattr(cfg, key)} is out of range: {allowed}")
     check_device(cfg.device)
+    return cfg
 
 
-def get_lr(cfg, step):
 # (setting, test, what it allows): every value outside these trains nothing or fails deep inside the run
 CHECKS = [(k, lambda v: v >= 1, "a whole number >= 1") for k in (
               "max_steps", "batch_size", "grad_accum", "lora_r", "max_seq_len", "eval_interval", "eval_batches",
@@ -171,6 +170,7 @@ def check_device(name):
         raise ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
+def get_lr(cfg, step):
     """Linear warmup over warmup_ratio of the steps, then constant (the paper) or cosine to 10%."""
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
     if step < warmup:
@@ -233,9 +233,9 @@ def get_data(cfg, tokenizer_path, device):
         folder = ROOT / "data" / cfg.data / "prepared" / f"{want['tokenizer_sha256'][:12]}-{cfg.train_on}"
         if not (folder / "meta.json").exists():
             if is_main():  # one process prepares, the others wait for it
-                importlib.import_module(f"data.{cfg.data}.prepare").prepare(
                 tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
                 shutil.rmtree(tmp, ignore_errors=True)
+                importlib.import_module(f"data.{cfg.data}.prepare").prepare(
                     tokenizer_path=tokenizer_path, out_dir=tmp, train_on=cfg.train_on)
                 try:
                     os.replace(tmp, folder)
@@ -251,7 +251,6 @@ def get_data(cfg, tokenizer_path, device):
     return load_split(folder, "train"), load_split(folder, "val")
 
 
-def micro_batches(cfg, ds, epoch):
 def log_record(line):
     """One line of log.jsonl, or None for a line torn by a kill mid-write (it is dropped, and rewritten)."""
     try:
@@ -261,6 +260,7 @@ def log_record(line):
     return r if isinstance(r, dict) and isinstance(r.get("step"), int) else None
 
 
+def micro_batches(cfg, ds, epoch):
     """The epoch's micro-batches as (input_ids, targets), in a fixed order given (seed, epoch)."""
     if cfg.packing:
         return packed_batches(ds, cfg.batch_size, cfg.max_seq_len, cfg.seed, epoch)
@@ -372,7 +372,6 @@ def fsync_save(obj, path):
         os.fsync(f.fileno())
 
 
-def save_checkpoint(cfg, model, optimizer, step, base_path):
 def check_finite(model, step):
     """Nothing non-finite is ever saved: an update can turn finite gradients into NaN weights (AdamW's squared
     gradient overflows fp32), and a checkpoint of those would make --resume fail again at once."""
@@ -395,6 +394,7 @@ def save_adapter(cfg, model, base_path):
     return final
 
 
+def save_checkpoint(cfg, model, optimizer, step, base_path):
     out = Path(cfg.out_dir)
     final, tmp = out / f"ckpt-{step:06d}", out / f"ckpt-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -445,7 +445,6 @@ def load_checkpoint(cfg, model, path, compute_dtype, log):
     return state
 
 
-# -----------------------------------------------------------------------------
 def resume_from(cfg, model, compute_dtype, log):
     """The newest checkpoint that loads; a damaged one (a torn file, a full disk) is passed over, saying so."""
     for ckpt in sorted(Path(cfg.out_dir).glob("ckpt-[0-9]*[0-9]"), reverse=True):
@@ -490,6 +489,7 @@ def claim_out_dir(cfg):
     return []
 
 
+# -----------------------------------------------------------------------------
 # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on CUDA, gloo on CPU
 
 
@@ -573,14 +573,14 @@ def train(cfg):
         keep_freed_memory()
     torch.manual_seed(cfg.seed + rank)
     log = tqdm.write if is_main() else (lambda *a, **k: None)  # prints above the progress bar
-    if is_main():
     asked, stale = cfg.out_dir, claim_out_dir(cfg)  # every rank decides alike before any rank writes
     barrier(device)
     if cfg.out_dir != asked:
         log(f"{asked} holds a run (--resume goes on with it, --overwrite replaces it): this one goes to {cfg.out_dir}")
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    if is_main():
         for p in stale:  # --overwrite: the old run's own files, nothing else in the folder
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     compute = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.compute_dtype == "auto" \
         else getattr(torch, cfg.compute_dtype)
 
@@ -593,8 +593,8 @@ def train(cfg):
     if model.args.vocab_size < train_ds.meta["vocab_size"]:
         raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
                           f"{model.args.vocab_size}")
-    base_path = cfg.init_from or str(Path(cfg.out_dir) / "base")
-    if not cfg.init_from and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
+    base_path = str(base if base is not None else Path(cfg.out_dir) / "base")
+    if base is None and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
             base_path, "model.safetensors").exists()):  # a random base is part of the result: keep it, in
         Q.save_quantized(model, base_path, tokenizer=tok_path)  # bitsandbytes' 4-bit format
     state = resume_from(cfg, model, compute, log) if cfg.resume else None
@@ -616,10 +616,10 @@ def train(cfg):
                            cfg.max_seq_len) for s in range(0, len(val_ds), cfg.batch_size)][:cfg.eval_batches]
 
     seq = batches[0][0].size(1)  # the longest batch comes first: the plan's activations are the step's worst
-    plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize)
     if not any(bool((y != IGNORE).any()) for _, y in batches.batches):
         raise ConfigError(f"--max_seq_len={cfg.max_seq_len} cuts off every trained token of data {cfg.data!r} (the "
                           "replies come after the prompts): nothing would be learned; raise it")
+    plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize)
     if is_main():
         print_plan(plan, account)
     if step == 0:
@@ -710,10 +710,10 @@ def main(argv):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
     except OSError as e:  # a full disk, a folder that cannot be written: the file and what the system said
         print(f"error: {e.filename or 'out_dir'}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

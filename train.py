@@ -593,8 +593,8 @@ def train(cfg):
     if model.args.vocab_size < train_ds.meta["vocab_size"]:
         raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
                           f"{model.args.vocab_size}")
-    base_path = str(base if base is not None else Path(cfg.out_dir) / "base")
-    if base is None and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
+    base_path = cfg.init_from or str(Path(cfg.out_dir) / "base")
+    if not cfg.init_from and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
             base_path, "model.safetensors").exists()):  # a random base is part of the result: keep it, in
         Q.save_quantized(model, base_path, tokenizer=tok_path)  # bitsandbytes' 4-bit format
     state = resume_from(cfg, model, compute, log) if cfg.resume else None

@@ -357,14 +357,15 @@ def main(argv=None):
         if a.data:
             docs[f"{a.data} ({a.split})"] = split_docs(a.data, a.split, tok_path)
         try:
+            ctx = M.load_args(a.init_from).max_seq_len
+            window = a.window or ctx
+            stride = a.stride or max(window // 2, 1)
+            if docs and not (1 <= stride <= window <= ctx):
+                raise InputError(f"--window={window} --stride={stride}: need 1 <= stride <= window <= {ctx} "
+                                 "(the model's context)")
             model = load(a.init_from, a.adapter, a.device, a.quantize).eval()
-        except ValueError as e:  # CheckpointError, a bad adapter: they name their file
+        except ValueError as e:  # CheckpointError, a bad adapter, InputError: each names its file or flag
             raise SystemExit(f"error: {e}") from None
-        window = a.window or model.args.max_seq_len
-        stride = a.stride or max(window // 2, 1)
-        if docs and not (1 <= stride <= window <= model.args.max_seq_len):
-            raise InputError(f"--window={window} --stride={stride}: need 1 <= stride <= window <= "
-                             f"{model.args.max_seq_len} (the model's context)")
         if data is not None:
             records = mmlu(model, tok, data, a.shots, a.batch_size, bad)
             subj, over_q, over_s = accuracies(records)

@@ -247,6 +247,30 @@ def test_perplexity_token_weighted_against_direct(W, S):
     assert abs(nll - sum(direct) / len(direct)) < 1e-5
 
 
+def test_split_perplexity_is_the_training_val_loss(tmp_path):
+    """--data: each conversation scored where train.py's loss is; for conversations shorter than the window this is
+    exactly the loss of collate's batches (what train.estimate_loss averages, token-weighted)."""
+    from data.batching import collate, load_split
+    from data.sample import prepare
+    tok_file = ROOT / "data" / "sample" / "tokenizer.model"
+    prepare.prepare(out_dir=tmp_path, verbose=False)
+    docs = E.split_docs(str(tmp_path), "val", tok_file)
+    ds = load_split(tmp_path, "val")
+    assert len(docs) == len(ds) and int(ds.lengths.max()) <= 64
+    torch.manual_seed(0)
+    model = M.Transformer(M.ModelArgs(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=ds.meta["vocab_size"],
+                                      max_seq_len=64)).eval()
+    nll, count = E.perplexity(model, docs, 64, 32, batch_size=64, progress=False)
+    x, y = collate([ds[i] for i in range(len(ds))], ds.pad_id, 64)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=E.IGNORE, reduction="sum")
+    assert count == int((y != E.IGNORE).sum()) and abs(nll - loss.item() / count) < 1e-5
+    with pytest.raises(E.InputError, match="prepared with another tokenizer"):
+        E.split_docs(str(tmp_path), "val", asset("stories260K", "tokenizer.model"))
+    with pytest.raises(E.InputError, match="no split 'test'"):
+        E.split_docs(str(tmp_path), "test", tok_file)
+
+
 BAD = [  # (what, files to write {relative path: rows or None for an empty file}, subjects, where, message)
     ("5 columns", {"test/s_test.csv": [["q", "a", "b", "c", "d", "A"], ["q", "a", "b", "c", "A"]]}, None,
      "test/s_test.csv:2", "5 columns, expected 6"),

@@ -2,6 +2,7 @@
 # transformers on stories260K, the 4-bit base + adapter against its merged model, perplexity against a direct
 # computation, and every bad input naming its file and line.
 import csv
+import json
 import math
 import shutil
 import subprocess
@@ -339,7 +340,7 @@ def test_cli_mmlu_and_perplexity(tmp_path):
     assert "MMLU 5-shot, 2 subjects, 5 questions:" in r.stdout
     assert "average over questions:" in r.stdout and "average over subjects:" in r.stdout
     assert "window 64, stride 32" in r.stdout and "perplexity on" in r.stdout
-    lines = [__import__("json").loads(x) for x in out.read_text().splitlines()]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["subject"], x["index"]) for x in lines] == [("abstract_algebra", i) for i in range(3)] + \
         [("world_religions", i) for i in range(2)]
     assert all(set(x) >= {"prediction", "answer", "logits", "scores"} and len(x["logits"]) == 4 for x in lines)

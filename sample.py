@@ -6,10 +6,14 @@ Generate from a base model, a base model plus a trained QLoRA adapter (PEFT form
   python sample.py --init_from=../shared/assets/stories260K --raw --prompt="Once upon a time"
 
 The prompt is wrapped in Guanaco's chat format ("### Human: ...### Assistant:") unless --raw is given.
-Greedy decoding with --temperature=0, nucleus sampling otherwise; a KV cache either way.
+Greedy decoding with --temperature=0, nucleus sampling otherwise; a KV cache either way. A prompt that does not
+leave room for one new token in the model's context (max_seq_len) is refused, not cut: cutting it from the left
+would drop the BOS and the "### Human:" marker the model was tuned on. Generation stops at the context's end.
+Every mistake (a flag out of range, a missing folder, a bad checkpoint or adapter) is one line, `error: ...`.
 """
 import argparse
-import json
+import math
+import sys
 from pathlib import Path
 
 import torch
@@ -18,23 +22,79 @@ import model as M
 import qlora as Q
 
 
+class SampleError(ValueError):
+    """A user's mistake that is not in a checkpoint file (those are model.CheckpointError): one line at the CLI."""
+
+
 def load(init_from, adapter=None, device="cpu", quantize=None):
     """Base weights (HF, Meta or bitsandbytes 4-bit) plus an optional adapter, ready to generate."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text()) if adapter else None
-    if cfg is None and quantize is None and not Q.is_bnb_4bit(init_from):
+    if adapter is None and quantize is None and not Q.is_bnb_4bit(init_from):
         return M.load_model(init_from, device=device, dtype=dtype)  # plain 16/32-bit model
-    lora = dict(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, targets=",".join(cfg["target_modules"])) if cfg \
-        else dict(r=0)
+    # the base in 4 bits without adapters; load_adapter then gives the modules the adapter's target_modules name
+    # (a list, or PEFT's single regex string) its r, alpha and weights, all checked against adapter_config.json
     model = Q.load_quantized(init_from, device=device, dtype=dtype, quant_type=quantize or "nf4",
-                             compute_dtype=dtype, **lora)
+                             compute_dtype=dtype, r=0)
     if adapter:
         Q.load_adapter(model, adapter)
     return model
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def check_flags(a):
+    """Refuse, before anything loads, flags that would crash or sample garbage."""
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise SampleError(f"--temperature must be a finite number >= 0 (0 = greedy), not {a.temperature}")
+    if not 0 < a.top_p <= 1:  # nan fails this too
+        raise SampleError(f"--top_p must be in (0, 1], not {a.top_p}")
+    if a.max_new_tokens <= 0:
+        raise SampleError(f"--max_new_tokens must be at least 1, not {a.max_new_tokens}")
+    if not Path(a.init_from).is_dir():
+        raise SampleError(f"--init_from={a.init_from}: no such directory (a model folder with tokenizer.model)")
+    if a.adapter is not None and not Path(a.adapter).is_dir():
+        raise SampleError(f"--adapter={a.adapter}: no such directory (a PEFT adapter folder, e.g. out/adapter)")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise SampleError(f"--device={a.device}: not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device={a.device}: not available here; use --device=cpu")
+
+
+def generate(a):
+    check_flags(a)
+    torch.manual_seed(a.seed)
+    tok_path = Path(a.init_from) / "tokenizer.model"
+    if not tok_path.is_file():
+        raise SampleError(f"{tok_path}: missing; the model's sentencepiece tokenizer.model belongs beside its weights")
+    try:
+        tok = M.Tokenizer(tok_path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's way of saying the file is not a model
+        raise SampleError(f"{tok_path}: not a sentencepiece model ({str(e).strip()[:200]})") from None
+    model = load(a.init_from, a.adapter, a.device, a.quantize).eval()
+    if tok.vocab_size > model.args.vocab_size:
+        raise SampleError(f"{tok_path}: {tok.vocab_size} token ids, the model in {a.init_from} has only "
+                          f"{model.args.vocab_size}: not this model's tokenizer")
+    text = a.prompt if a.raw else f"### Human: {a.prompt}### Assistant:"
+    ids, ctx = tok.encode(text, bos=True), model.args.max_seq_len
+    if len(ids) >= ctx:
+        raise SampleError(f"--prompt is {len(ids)} tokens, and the model's context (max_seq_len) is {ctx}: shorten "
+                          "it to leave room for an answer")
+    if len(ids) + a.max_new_tokens > ctx:
+        print(f"note: the context of {ctx} tokens leaves room for {ctx - len(ids)} new tokens, not "
+              f"{a.max_new_tokens}", file=sys.stderr)
+    out = model.generate(torch.tensor([ids], device=a.device), a.max_new_tokens, a.temperature, a.top_p,
+                         eos_id=tok.eos_id)
+    return tok.decode([t for t in out[0].tolist() if t not in (tok.bos_id, tok.eos_id)])
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors as one line too
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", required=True, help="base model directory (with tokenizer.model)")
     p.add_argument("--adapter", default=None, help="a PEFT-format LoRA adapter directory, e.g. out/adapter")
     p.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="load a 16-bit base in 4 bits")
@@ -45,17 +105,11 @@ def main():
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args()
-    torch.manual_seed(a.seed)
-    tok_path = Path(a.init_from) / "tokenizer.model"
-    if not tok_path.exists():
-        raise SystemExit(f"error: no tokenizer.model in {a.init_from}")
-    tok = M.Tokenizer(tok_path)
-    model = load(a.init_from, a.adapter, a.device, a.quantize).eval()
-    text = a.prompt if a.raw else f"### Human: {a.prompt}### Assistant:"
-    idx = torch.tensor([tok.encode(text, bos=True)], device=a.device)
-    out = model.generate(idx, a.max_new_tokens, a.temperature, a.top_p, eos_id=tok.eos_id)
-    print(tok.decode([t for t in out[0].tolist() if t not in (tok.bos_id, tok.eos_id)]))
+    a = p.parse_args(argv)
+    try:
+        print(generate(a))
+    except (SampleError, M.CheckpointError) as e:  # bad input; anything else is a bug and keeps its traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

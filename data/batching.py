@@ -15,24 +15,62 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.oasst1.prepare import DataError
+
 IGNORE = -100  # target value that cross_entropy(ignore_index=-100) skips
 TRAIN, ASSISTANT = 1, 2  # bits of the .mask.bin flags (as in data/oasst1/prepare.py)
 
 
 def _map(path, dtype):
+    """The file as a read-only array; a missing file or a size that is no whole number of entries is a DataError."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); prepare the data again") from None
+    if size % dtype.itemsize:
+        raise DataError(f"{path}: {size} bytes, not a whole number of {dtype.name} entries: a corrupt or cut file")
     # np.memmap refuses empty files (an empty val split of a tiny input)
-    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+
+
+def load_meta(dir):
+    """meta.json of a prepared folder, checked for what batching needs: dtype, vocab size and the special ids."""
+    file = Path(dir) / "meta.json"
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"{file}: cannot read ({e.strerror}); run data/<name>/prepare.py") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or bad UTF-8
+        raise DataError(f"{file}: not valid JSON ({str(e)[:200]}); prepare the data again") from None
+    if not isinstance(meta, dict) or meta.get("dtype") not in ("uint16", "uint32"):
+        raise DataError(f"{file}: no token dtype (uint16 or uint32): not a prepared folder's meta.json")
+    if type(vocab := meta.get("vocab_size")) is not int or vocab <= 0:
+        raise DataError(f"{file}: vocab_size is {vocab!r}, not a positive int")
+    for k in ("bos_id", "eos_id", "pad_id"):
+        if type(meta.get(k)) is not int or not 0 <= meta[k] < vocab:
+            raise DataError(f"{file}: {k} is {meta.get(k)!r}, not a token id below vocab_size {vocab}")
+    return meta
 
 
 class Split:
-    """One prepared split: conversation i is (tokens int64 (L,), mask bool (L,)), mask = in the loss."""
+    """One prepared split: conversation i is (tokens int64 (L,), mask bool (L,)), mask = in the loss. The files are
+    checked against each other as they open, so a corrupt folder is a DataError naming the file, not a numpy error
+    or a token id out of range in the middle of training."""
     def __init__(self, dir, split):
         dir = Path(dir)
-        self.meta = json.loads((dir / "meta.json").read_text())
+        self.meta = load_meta(dir)
         self.tokens = _map(dir / f"{split}.bin", np.dtype(self.meta["dtype"]))
-        self.flags = _map(dir / f"{split}.mask.bin", np.uint8)
-        self.offsets = np.fromfile(dir / f"{split}.idx.bin", dtype=np.int64)
-        assert len(self.tokens) == len(self.flags) == self.offsets[-1], f"{dir}/{split}.*: files disagree in length"
+        self.flags = _map(dir / f"{split}.mask.bin", np.dtype(np.uint8))
+        idx = dir / f"{split}.idx.bin"
+        self.offsets = np.array(_map(idx, np.dtype(np.int64)))  # a copy in memory: N+1 small numbers
+        if len(self.offsets) == 0 or self.offsets[0] != 0 or (np.diff(self.offsets) < 0).any():
+            raise DataError(f"{idx}: offsets must start at 0 and never decrease (N+1 entries for N conversations)")
+        if not len(self.tokens) == len(self.flags) == self.offsets[-1]:
+            raise DataError(f"{idx}: ends at token {self.offsets[-1]}, but {split}.bin holds {len(self.tokens)} tokens "
+                            f"and {split}.mask.bin {len(self.flags)} flags: the files disagree")
+        if len(self.tokens) and (top := int(self.tokens.max())) >= self.meta["vocab_size"]:
+            raise DataError(f"{dir / f'{split}.bin'}: token id {top} is out of range (vocab_size "
+                            f"{self.meta['vocab_size']} in meta.json)")
         self.lengths = np.diff(self.offsets)  # tokens per conversation, for grouping by length
         self.bos_id, self.eos_id, self.pad_id = self.meta["bos_id"], self.meta["eos_id"], self.meta["pad_id"]
 

@@ -66,11 +66,18 @@ def detect_form(obj):
 
 def need(m, *fields):
     # only what the rules use is required; user_id, dates, labels, detoxify... may be absent
+    if not isinstance(m, dict):
+        raise DataError(f"a message is a JSON {type(m).__name__}, not an object")
     for f in fields:
         if f not in m:
             raise DataError(f"missing field {f!r} in message {m.get('message_id', '?')}", m.get("_line"))
-    if "text" in fields and not isinstance(m["text"], str):
-        raise DataError(f"'text' of message {m.get('message_id', '?')} is not a string", m.get("_line"))
+    # ids are hashed, sorted and compared, ranks compared: one type each, or a file order could decide a crash
+    kinds = dict(text=(str,), message_id=(str,), message_tree_id=(str,), parent_id=(str, type(None)),
+                 replies=(list,), rank=(int, type(None)))
+    for f, ok in kinds.items():
+        if (f in fields or f == "rank" and f in m) and not (isinstance(m[f], ok) and not isinstance(m[f], bool)):
+            raise DataError(f"{f!r} of message {m.get('message_id', '?')!r} is of type {type(m[f]).__name__}, not "
+                            f"{' or '.join('null' if t is type(None) else t.__name__ for t in ok)}", m.get("_line"))
 
 
 def usable(m):
@@ -99,6 +106,9 @@ def best_path(root, stats):
 
 
 def to_conversation(tree_id, root, state, langs, stats):
+    if not isinstance(tree_id, str):
+        raise DataError(f"tree id {tree_id!r} is of type {type(tree_id).__name__}, not str")
+    need(root)  # an object, before its fields are read
     stats["trees"] += 1
     if state not in (None, "ready_for_export"): stats["dropped trees (not ready_for_export)"] += 1; return None
     if langs:
@@ -152,9 +162,13 @@ def read_conversations(path, langs=(), skip_bad=False):
             except UnicodeDecodeError as e: raise DataError(f"not UTF-8 text ({e})")
             try: obj = json.loads(line)
             except json.JSONDecodeError as e: raise DataError(f"malformed JSON ({e})")
+            except RecursionError: raise DataError("JSON nested too deeply to read")
+            if "\\u" in line:  # an escaped lone surrogate (\ud800) decodes, but is no text: it cannot be encoded
+                try: json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError: raise DataError("a string holds a lone surrogate (\\ud800 unpaired)")
             kind = detect_form(obj)
             if kind is None:
-                raise DataError(f"unknown form ({str(obj)[:60]}...): expected a tree with 'prompt', a message "
+                raise DataError(f"unknown form ({line[:60]}...): expected a tree with 'prompt', a message "
                                 "with 'replies', a flat message with 'parent_id' or a Guanaco row with 'text'")
             if form not in (None, kind): raise DataError(f"a {kind} line in a file of {form} lines")
             form = kind
@@ -178,6 +192,20 @@ def read_conversations(path, langs=(), skip_bad=False):
             if m["parent_id"] is not None:
                 if m["parent_id"] in flat: flat[m["parent_id"]]["replies"].append(m)
                 else: stats["orphan messages (parent not in file)"] += 1
+        done = set()  # messages whose parent chain is known to end (at a root or an orphan)
+        for m in flat.values():  # a chain that loops reaches no root: its messages would vanish uncounted
+            walk, at = {}, m
+            while at is not None and at["message_id"] not in done:
+                if at["message_id"] in walk:
+                    cycle = list(walk)[walk[at["message_id"]]:]
+                    if not skip_bad:
+                        raise DataError(f"{path}:{flat[cycle[0]]['_line']}: {len(cycle)} message(s) form a parent_id "
+                                        f"cycle, so reach no root: {', '.join(map(repr, cycle[:3]))}")
+                    stats["skipped messages in parent_id cycles (--skip_bad)"] += len(cycle)
+                    break
+                walk[at["message_id"]] = len(walk)
+                at = flat.get(at["parent_id"])  # None past a root or an orphan
+            done.update(walk)
         for r in roots:
             try:
                 tree_id = r.get("message_tree_id") or r["message_id"]
@@ -286,16 +314,16 @@ def main(argv=None, **defaults):
         if isinstance(old, bool) and not eq: value = "True"  # a bare --skip_bad
         elif not arg.startswith("--") or old is ... or not eq:
             flags = " ".join(f"--{k}=" for k in ["input", "tokenizer", *list(config)[2:]])
-            sys.exit(f"bad argument {arg!r}; flags: {flags}")
+            sys.exit(f"error: bad argument {arg!r}; flags: {flags}")
         try:  # the type of the default decides: bool, float or text
             if isinstance(old, bool): config[key] = {"True": True, "False": False}[value]
             elif isinstance(old, float): config[key] = float(value)
             else: config[key] = value
         except (KeyError, ValueError):
-            sys.exit(f"--{key} takes a {type(old).__name__}, not {value!r}")
+            sys.exit(f"error: --{key} takes a {type(old).__name__}, not {value!r}")
     try:
         prepare(**config)
-    except ValueError as e:  # DataError included: a message naming the file and line, no traceback
+    except (ValueError, OSError) as e:  # DataError included: a message naming the file and line, no traceback
         sys.exit(f"error: {e}")
 
 

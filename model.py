@@ -239,29 +239,102 @@ class CheckpointError(ValueError):
     pass
 
 
+def parse_json(where, data=None, what="file"):
+    """The JSON value of the file `where` (or of `data`, bytes read from it), read as strictly as the safetensors
+    library reads a header: UTF-8, no NaN or Infinity, no duplicate keys, no lone surrogates. Any fault, a nesting
+    too deep included, is a CheckpointError naming `where`."""
+    def strict(pairs):
+        seen = set()
+        for k, v in pairs:
+            (k + v if isinstance(v, str) else k).encode()  # a lone surrogate cannot be encoded: a ValueError
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
+        return dict(pairs)
+
+    def no_constant(c):
+        raise ValueError(f"{c} is not JSON")
+    try:
+        text = (Path(where).read_bytes() if data is None else data).decode()
+        return json.loads(text, object_pairs_hook=strict, parse_constant=no_constant)
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read the file ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{where}: {what} is not valid JSON ({str(e)[:200]})") from None
+
+
+def _get(file, d, key, kind=int, required=False):
+    """d[key] if it is a positive int (kind int), a positive finite number (float) or a bool; None if absent/null."""
+    v = d.get(key)
+    if v is None and required:
+        raise CheckpointError(f"{file}: missing {key!r}")
+    ok = v is None or (type(v) is bool if kind is bool else type(v) in ((int, float) if kind is float else (int,))
+                       and 0 < v < math.inf)
+    if not ok:
+        raise CheckpointError(f"{file}: {key} must be a {'' if kind is bool else 'positive '}{kind.__name__}, "
+                              f"not {repr(v)[:40]}")
+    return v
+
+
+# ModelArgs field -> (its key in a HF config.json, type, required); Meta's params.json uses the field names
+HF_KEYS = dict(dim=("hidden_size", int, True), n_layers=("num_hidden_layers", int, True),
+               n_heads=("num_attention_heads", int, True), n_kv_heads=("num_key_value_heads", int, False),
+               vocab_size=("vocab_size", int, True), hidden_dim=("intermediate_size", int, True),
+               head_dim=("head_dim", int, False), norm_eps=("rms_norm_eps", float, True),
+               rope_theta=("rope_theta", float, False), max_seq_len=("max_position_embeddings", int, False),
+               tie_embeddings=("tie_word_embeddings", bool, False))
+META_KEYS = dict(dim=int, n_layers=int, n_heads=int, n_kv_heads=int, vocab_size=int, multiple_of=int,
+                 ffn_dim_multiplier=float, norm_eps=float, rope_theta=float, max_seq_len=int)
+
+
 def load_args(path):
-    """ModelArgs from a HF config.json or a Meta params.json in the directory `path`."""
+    """ModelArgs from a HF config.json or a Meta params.json in the directory `path`, every value type-checked,
+    and refused when its weight files could not hold the model it describes."""
     path = Path(path)
-    if (path / "config.json").exists():
-        c = json.loads((path / "config.json").read_text())
+    if (file := path / "config.json").exists():
+        c = parse_json(file)
+        if not isinstance(c, dict):
+            raise CheckpointError(f"{file}: a JSON {type(c).__name__}, not an object of settings")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # newer transformers nest theta here
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{file}: rope_scaling must be an object, not {repr(rope)[:40]}")
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise CheckpointError(f"{path / 'config.json'}: rope_type {rope.get('rope_type')!r} is not supported")
-        return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                         n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                         hidden_dim=c["intermediate_size"], head_dim=c.get("head_dim"), norm_eps=c["rms_norm_eps"],
-                         rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-                         max_seq_len=c.get("max_position_embeddings", 2048),
-                         tie_embeddings=c.get("tie_word_embeddings", False))
-    if (path / "params.json").exists():
-        p = json.loads((path / "params.json").read_text())
-        known = {f.name for f in fields(ModelArgs)}
-        if p.get("vocab_size", -1) < 0:  # LLaMA-1's params.json says -1: read it off the embedding's shape
-            p["vocab_size"] = next(iter(_meta_shards(path)[0].values())).shape[0]
-        return ModelArgs(**{k: v for k, v in p.items() if k in known})
-    raise CheckpointError(f"{path}: no config.json (Hugging Face) or params.json (Meta) found; expected a model "
-                          "directory with config.json + model.safetensors / pytorch_model.bin, or params.json + "
-                          "consolidated.00.pth")
+            raise CheckpointError(f"{file}: rope_type {rope.get('rope_type')!r} is not supported")
+        kw = {f: _get(file, c, key, kind, required) for f, (key, kind, required) in HF_KEYS.items()}
+        kw["rope_theta"] = _get(file, rope, "rope_theta", float) or kw["rope_theta"]
+        files = _weight_files(path)
+    elif (file := path / "params.json").exists():
+        p = parse_json(file)
+        if not isinstance(p, dict):
+            raise CheckpointError(f"{file}: a JSON {type(p).__name__}, not an object of settings")
+        files = sorted(path.glob("consolidated.*.pth"))
+        if not files:
+            raise CheckpointError(f"{path}: params.json found but no consolidated.NN.pth shards")
+        if type(v := p.get("vocab_size", -1)) is int and v < 0:  # LLaMA-1 says -1: read it off the embedding
+            if (emb := _torch_weights(files[0]).get("tok_embeddings.weight")) is None:
+                raise CheckpointError(f"{files[0]}: no tok_embeddings.weight, which params.json's vocab_size -1 needs")
+            p = dict(p, vocab_size=emb.shape[0])
+        kw = {f: _get(file, p, f, kind, f in ("dim", "n_layers", "n_heads")) for f, kind in META_KEYS.items()}
+    else:
+        raise CheckpointError(f"{path}: no config.json (Hugging Face) or params.json (Meta) found; expected a model "
+                              "directory with config.json + model.safetensors / pytorch_model.bin, or params.json + "
+                              "consolidated.00.pth")
+    kw = {k: v for k, v in kw.items() if v is not None}  # absent: ModelArgs' defaults
+    if kw["n_heads"] % kw.get("n_kv_heads", kw["n_heads"]):
+        raise CheckpointError(f"{file}: {kw['n_heads']} heads are not a multiple of {kw['n_kv_heads']} kv heads")
+    a = ModelArgs(**kw)
+    if a.head_dim < 2 or a.head_dim % 2:
+        raise CheckpointError(f"{file}: head_dim {a.head_dim} is not a positive even number (rotary pairs halves)")
+    # before anything is built for it: the weights cannot be smaller than 4 bits a parameter (10,000,000 layers in
+    # a corrupt config would otherwise build 10,000,000 meta-device blocks first)
+    n = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + a.dim + a.n_layers * (
+        2 * a.dim + 2 * a.dim * a.head_dim * (a.n_heads + a.n_kv_heads) + 3 * a.dim * a.hidden_dim)
+    if n // 2 > (have := sum(f.stat().st_size for f in files)):
+        for f in files:  # a truncated weight file is the likelier fault, and its own error says so
+            next(iter(read_safetensors(f)), None) if f.suffix == ".safetensors" else _torch_weights(f)
+        raise CheckpointError(f"{file}: describes a model of {n:,} parameters ({a.n_layers:,} layers, dim {a.dim:,}),"
+                              f" more than its weight files' {have:,} bytes can hold even at 4 bits each")
+    return a
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -269,36 +342,67 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _tensor_entry(path, name, info, data):
+    """(begin, end, name, dtype, shape) of one header entry, checked against the format and the data section."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {name!r}: its entry is a JSON {type(info).__name__}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {repr(dtype)[:40]}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints, not "
+                              f"{repr(shape)[:40]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {name!r}: data_offsets must be two ints [begin, end], not "
+                              f"{repr(offsets)[:40]}")
+    (begin, end), dt = offsets, SAFETENSORS_DTYPES[dtype]
+    if not 0 <= begin <= end <= data:
+        raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] point outside the file "
+                              f"(data section is {data} bytes): truncated or corrupt")
+    if end - begin != (nbytes := math.prod(shape) * dt.itemsize):
+        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but shape {shape} of {dtype} "
+                              f"needs {nbytes}")
+    return begin, end, name, dt, shape
+
+
 def read_safetensors(path):
-    """Yield (name, tensor) from a .safetensors file, memory-mapped; every offset is checked against the file."""
-    size = os.path.getsize(path)
+    """Yield (name, tensor) from a .safetensors file, memory-mapped. The whole header is checked first, as the
+    safetensors library checks it: a JSON object of {name: {dtype, shape, data_offsets}} (and "__metadata__":
+    {str: str}), each tensor's bytes = numel * itemsize, and the tensors tiling the data section exactly, in offset
+    order, no gap, no overlap, up to the file's last byte. So a wrong header length (into the header's padding) or
+    a corrupt offset is an error naming the tensor, never a tensor read from the wrong bytes."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({e.strerror})") from None
     with open(path, "rb") as f:
         if size < 8:
             raise CheckpointError(f"{path}: truncated file ({size} bytes, no header)")
         n = int.from_bytes(f.read(8), "little")
         if n > size - 8:
             raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
-    header.pop("__metadata__", None)
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        nbytes = math.prod(info["shape"]) * dtype.itemsize
-        if not 0 <= begin <= end or 8 + n + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] point outside the file "
-                                  f"(data section is {size - 8 - n} bytes): truncated or corrupt")
-        if end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but shape {info['shape']} "
-                                  f"of {info['dtype']} needs {nbytes}")
-        t = torch.frombuffer(buf, dtype=torch.uint8, offset=8 + n + begin, count=nbytes) if nbytes else \
+        header = parse_json(path, f.read(n), "header")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object of tensors")
+    meta, data = header.pop("__metadata__", None), size - 8 - n
+    if not (meta is None or isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings, not {repr(meta)[:40]}")
+    entries = sorted(_tensor_entry(path, name, info, data) for name, info in header.items())
+    at, last = 0, None  # where the tensors so far end: the next one must start exactly there
+    for begin, end, name, _, _ in entries:
+        if begin != at:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data section, but "
+                                  f"{f'tensor {last!r} ends' if last else 'the section starts'} at {at}: "
+                                  f"{'overlapping tensors' if begin < at else 'a gap between tensors'}")
+        at, last = end, name
+    if at != data:
+        raise CheckpointError(f"{path}: {data - at} bytes of the data section after the last tensor {last!r} belong "
+                              "to none: a wrong header length or a corrupt file")
+    for begin, end, name, dtype, shape in entries:
+        t = torch.frombuffer(buf, dtype=torch.uint8, offset=8 + n + begin, count=end - begin) if end > begin else \
             torch.empty(0, dtype=torch.uint8)
-        yield name, t.view(dtype).reshape(info["shape"])
+        yield name, t.view(dtype).reshape(shape)
 
 
 def save_safetensors(path, tensors, metadata=None):
@@ -322,11 +426,28 @@ def save_safetensors(path, tensors, metadata=None):
     os.replace(tmp, path)
 
 
+def _torch_weights(f):
+    """{name: tensor} of a torch.save'd file, weights only (a pickle of anything else is refused), memory-mapped."""
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a corrupt zip, a truncated file, a pickle that is not weights only: all bad input
+        raise CheckpointError(f"{f}: not a weights-only torch file ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
+        raise CheckpointError(f"{f}: holds a {type(sd).__name__}, not a state dict of {{name: tensor}}")
+    return sd
+
+
 def _meta_shards(path):
     files = sorted(Path(path).glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json found but no consolidated.NN.pth shards")
-    return [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    shards = [_torch_weights(f) for f in files]
+    for f, s in zip(files, shards):  # model-parallel pieces of the same tensors
+        if s.keys() != shards[0].keys():
+            raise CheckpointError(f"{f}: holds other keys than {files[0].name}: "
+                                  f"{sorted(s.keys() ^ shards[0].keys())[:4]}")
+    return shards
 
 
 def _permute_rotary(w, n_heads):
@@ -358,11 +479,14 @@ def _stream_meta(path, args):
             name, axis = META_NAMES[key]
         else:
             raise CheckpointError(f"{file}: unknown key {key!r}")
-        t = shards[0][key] if axis is None else torch.cat([s[key] for s in shards], dim=axis)
-        if name.endswith("q_proj.weight"):
-            t = _permute_rotary(t, args.n_heads)
-        elif name.endswith("k_proj.weight"):
-            t = _permute_rotary(t, args.n_kv_heads)
+        try:  # shards that do not fit together, or a q/k that is no whole number of heads
+            t = shards[0][key] if axis is None else torch.cat([s[key] for s in shards], dim=axis)
+            if name.endswith("q_proj.weight"):
+                t = _permute_rotary(t, args.n_heads)
+            elif name.endswith("k_proj.weight"):
+                t = _permute_rotary(t, args.n_kv_heads)
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{file}: tensor {key!r}: {str(e).splitlines()[0][:200]}") from None
         yield name, t, file
 
 
@@ -372,23 +496,26 @@ def stream_tensors(path, args=None):
     if (path / "params.json").exists() and not (path / "config.json").exists():
         yield from _stream_meta(path, args or load_args(path))
         return
+    for f in _weight_files(path):
+        for name, t in read_safetensors(f) if f.suffix == ".safetensors" else _torch_weights(f).items():
+            yield name, t, f
+
+
+def _weight_files(path):
+    """The weight files of a Hugging Face folder, safetensors first: the shards its index names, or the one file."""
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / index).exists():
-            files = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-        elif (path / single).exists():
-            files = [single]
-        else:
-            continue
-        for file in files:
-            f = path / file
-            if f.suffix == ".safetensors":
-                for name, t in read_safetensors(f):
-                    yield name, t, f
-            else:
-                for name, t in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
-                    yield name, t, f
-        return
+        if (index := path / index).exists():
+            wm = parse_json(index)
+            wm = wm.get("weight_map") if isinstance(wm, dict) else None
+            if not (isinstance(wm, dict) and wm and all(isinstance(v, str) for v in wm.values())):
+                raise CheckpointError(f"{index}: no weight_map of {{tensor name: shard file}}")
+            for name in (files := sorted(set(wm.values()))):  # shards lie beside the index, never elsewhere
+                if Path(name).name != name or not (path / name).is_file():
+                    raise CheckpointError(f"{index}: shard {name!r} is not a file in {path}")
+            return [path / name for name in files]
+        if (path / single).exists():
+            return [path / single]
     raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
                           "consolidated.00.pth found")
 
@@ -404,9 +531,14 @@ def load_weights(model, path, hook=None, device="cpu", dtype=torch.float32):
     for name, t, file in stream_tensors(path, model.args):
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.args.tie_embeddings):
             continue  # derived from the config (old HF checkpoints store it; tied heads are the embedding)
-        if hook is not None and (t := hook(name, t)) is None:
-            seen.add(name)
-            continue
+        if name in seen:
+            raise CheckpointError(f"{file}: tensor {name!r} appears twice in the checkpoint")
+        try:
+            if hook is not None and (t := hook(name, t)) is None:
+                seen.add(name)
+                continue
+        except CheckpointError as e:  # the hook's (e.g. a bitsandbytes quant state's) faults name the tensor
+            raise CheckpointError(f"{file}: {e}") from None
         if name not in expected:
             raise CheckpointError(f"{file}: unknown key {name!r} (not a parameter of this model)")
         mod_name, attr = name.rsplit(".", 1)

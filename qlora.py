@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 import kernels
-from model import Transformer, load_args, load_model, load_weights, read_safetensors, save_safetensors, stream_tensors
+from model import (CheckpointError, Transformer, load_args, load_model, load_weights, parse_json, read_safetensors,
+                   save_safetensors, stream_tensors)
 
 # -----------------------------------------------------------------------------
 # 4-bit code tables: 16 values in [-1, 1]; a weight is stored as the index of the value nearest to w / absmax
@@ -165,19 +166,62 @@ def to_bnb(q):
     return d
 
 
-def from_bnb(parts):
-    """The inverse of to_bnb: a Quantized4bit from {name: tensor}, or None while a part is still missing."""
-    state = [v for k, v in parts.items() if k.startswith("weight.quant_state.bitsandbytes__")]
+BNB_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _bnb_part(parts, key, dtype, shape):
+    """parts[key], checked to be a `dtype` tensor of `shape` holding no NaN or infinity (CheckpointError)."""
+    t = parts[key]
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{key} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, the quant state "
+                              f"needs {str(dtype).removeprefix('torch.')} {list(shape)}")
+    if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
+        raise CheckpointError(f"{key} holds NaN or infinity: a quantization constant must be finite")
+    return t
+
+
+def from_bnb(parts, shape=None):
+    """The inverse of to_bnb: a Quantized4bit from {name: tensor}, or None while a part is still missing. Every
+    field is checked first against the format (and against `shape`, the weight's (out, in), when given), so a
+    corrupt checkpoint is a CheckpointError naming the part, and Quantized4bit's asserts only state invariants."""
+    state = [k for k in parts if k.startswith("weight.quant_state.bitsandbytes__")]
     if not state or not {"weight", "weight.absmax", "weight.quant_map"} <= parts.keys():
         return None
-    s = json.loads(bytes(state[0].tolist()))
-    if "nested_offset" in s and not {"weight.nested_absmax", "weight.nested_quant_map"} <= parts.keys():
+    key, t = state[0], parts[state[0]]
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise CheckpointError(f"{key}: the quant state must be UTF-8 JSON bytes (uint8 [n]), not {t.dtype} "
+                              f"{list(t.shape)}")
+    s = parse_json(key, bytes(t.tolist()), "quant state")
+    if not isinstance(s, dict):
+        raise CheckpointError(f"{key}: the quant state is a JSON {type(s).__name__}, not an object")
+    qt, bs, dtype, n = s.get("quant_type"), s.get("blocksize"), s.get("dtype"), s.get("shape")
+    checks = [(isinstance(qt, str) and qt in ("nf4", "fp4") and key.endswith("__" + qt), f"quant_type {qt!r}"),
+              (type(bs) is int and bs in BLOCKSIZES, f"blocksize {bs!r}, not one of {BLOCKSIZES}"),
+              (isinstance(dtype, str) and dtype in BNB_DTYPES, f"dtype {dtype!r}, not one of {', '.join(BNB_DTYPES)}"),
+              (isinstance(n, list) and n and all(type(d) is int and d > 0 for d in n),
+               f"shape {n!r}, not a list of positive ints"),
+              (shape is None or n == list(shape), f"shape {n!r}, the model's weight is {list(shape or ())}")]
+    if dq := "nested_offset" in s:  # double quantization
+        nbs, off = s.get("nested_blocksize", 256), s["nested_offset"]
+        checks += [(type(nbs) is int and nbs in BLOCKSIZES, f"nested_blocksize {nbs!r}, not one of {BLOCKSIZES}"),
+                   (type(off) in (int, float) and math.isfinite(off), f"nested_offset {off!r}, not a finite number"),
+                   (s.get("nested_dtype", "float32") == "float32", f"nested_dtype {s.get('nested_dtype')!r}")]
+    if bad := [what for ok, what in checks if not ok]:
+        raise CheckpointError(f"{key}: {'; '.join(bad)}")
+    if dq and not {"weight.nested_absmax", "weight.nested_quant_map"} <= parts.keys():
         return None
-    packed = parts["weight"].view(torch.uint8).reshape(-1, 1)  # bnb_4bit_quant_storage may be another dtype
-    return Quantized4bit(packed, parts["weight.absmax"], parts["weight.quant_map"], torch.Size(s["shape"]),
-                         getattr(torch, s["dtype"]), s["blocksize"], s["quant_type"], parts.get("weight.nested_absmax"),
-                         parts.get("weight.nested_quant_map"), s.get("nested_offset", 0.0),
-                         s.get("nested_blocksize", 256))
+    numel = math.prod(n)
+    nb, packed = -(-numel // bs), parts["weight"]  # bnb_4bit_quant_storage may be another dtype than uint8
+    if packed.numel() * packed.element_size() != (numel + 1) // 2:
+        raise CheckpointError(f"weight holds {packed.numel() * packed.element_size()} bytes, a {n} weight packs into "
+                              f"{(numel + 1) // 2}")
+    packed = packed.contiguous().reshape(-1).view(torch.uint8).reshape(-1, 1)
+    absmax = _bnb_part(parts, "weight.absmax", torch.uint8 if dq else torch.float32, (nb,))
+    code = _bnb_part(parts, "weight.quant_map", torch.float32, (16,))
+    nested = (_bnb_part(parts, "weight.nested_absmax", torch.float32, (-(-nb // nbs),)),
+              _bnb_part(parts, "weight.nested_quant_map", torch.float32, (256,))) if dq else (None, None)
+    return Quantized4bit(packed, absmax, code, torch.Size(n), BNB_DTYPES[dtype], bs, qt, *nested,
+                         float(s["nested_offset"]) if dq else 0.0, nbs if dq else 256)
 
 # -----------------------------------------------------------------------------
 # the 4-bit linear with a LoRA adapter
@@ -272,7 +316,7 @@ class LoRALinear4bit(nn.Module):
     def load_part(self, key, t):
         """Take one bitsandbytes piece (`weight`, `weight.absmax`, ...); quantized once all have arrived."""
         self._parts[key] = t
-        if (q := from_bnb(self._parts)) is not None:
+        if (q := from_bnb(self._parts, (self.out_features, self.in_features))) is not None:
             self.set_quantized(q)
             self._parts = {}
 
@@ -304,7 +348,7 @@ class LoRALinear4bit(nn.Module):
                 if k.startswith(prefix) and not k[len(prefix):].startswith(("lora_A.", "lora_B."))}
         if "weight" in ours and ours["weight"].shape == (self.out_features, self.in_features):  # 16/32-bit
             return self.quantize_(ours["weight"].to(self.weight.device))
-        q = from_bnb({k: v.to(self.weight.device) for k, v in ours.items()})
+        q = from_bnb({k: v.to(self.weight.device) for k, v in ours.items()}, (self.out_features, self.in_features))
         if q is None:
             missing.extend(prefix + k for k in ("weight", "weight.absmax", "weight.quant_map") if k not in ours)
         else:
@@ -349,12 +393,19 @@ def add_lora(model, targets=LINEARS, r=64, alpha=16, dropout=0.1, quant_type="nf
 def is_bnb_4bit(path):
     """The quantization_config of a bitsandbytes 4-bit checkpoint directory, else None."""
     cfg = Path(path) / "config.json"
-    qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.exists() else None
+    c = parse_json(cfg) if cfg.exists() else {}
+    qc = c.get("quantization_config") if isinstance(c, dict) else None  # a config that is no object: load_args says so
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg}: quantization_config must be an object, not {repr(qc)[:40]}")
     return qc if qc and qc.get("quant_method") == "bitsandbytes" and qc.get("load_in_4bit") else None
 
 
 def linears_4bit(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+
+
+BNB_PARTS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+             ".quant_state.bitsandbytes__fp4")  # suffixes of `weight` in a bitsandbytes checkpoint
 
 
 def quantize_hook(model, device="cpu", dtype=torch.float32):
@@ -367,11 +418,19 @@ def quantize_hook(model, device="cpu", dtype=torch.float32):
         mod, _, rest = name.partition(".weight")  # "...q_proj.weight.absmax" -> ("...q_proj", ".absmax")
         if mod not in mods:
             return t
-        if rest == "" and t.shape == (mods[mod].out_features, mods[mod].in_features):  # not packed 4-bit
+        shape = (mods[mod].out_features, mods[mod].in_features)
+        if rest == "" and t.shape == shape:  # not packed 4-bit
             mods[mod].quantize_(t.to(device=device, dtype=dtype))
+        elif rest == "" and t.dim() == 2 and t.shape[1] != 1:  # packed bytes are (n, 1)
+            raise CheckpointError(f"tensor {name!r} has shape {list(t.shape)}, the model expects {list(shape)}")
+        elif rest not in BNB_PARTS:
+            raise CheckpointError(f"unknown key {name!r} (not a part of a bitsandbytes 4-bit weight)")
         else:
-            mods[mod].load_part("weight" + rest, t.to(device, copy=True))
-        return None  # stored: the loader checks nothing more (load_part's asserts did)
+            try:
+                mods[mod].load_part("weight" + rest, t.to(device, copy=True))
+            except CheckpointError as e:  # from_bnb names the part: "weight.absmax ..."
+                raise CheckpointError(f"{mod}.{e}") from None
+        return None  # stored: the loader checks nothing more (from_bnb checked every part)
     return hook
 
 
@@ -380,7 +439,11 @@ def load_quantized(path, device="cpu", dtype=torch.float32, **kw):
     way: build on the meta device, swap the modules, fill), or a pre-quantized bitsandbytes one (`*-bnb-4bit`).
     kw: add_lora's settings (r, alpha, dropout, ...)."""
     if qc := is_bnb_4bit(path):  # a pre-quantized checkpoint: its type wins (each weight's quant state is read)
-        kw.update(quant_type=qc.get("bnb_4bit_quant_type", "fp4"), double_quant=qc.get("bnb_4bit_use_double_quant"))
+        qt, dq = qc.get("bnb_4bit_quant_type", "fp4"), qc.get("bnb_4bit_use_double_quant", False)
+        if qt not in ("nf4", "fp4") or not isinstance(dq, bool):
+            raise CheckpointError(f"{Path(path) / 'config.json'}: quantization_config has bnb_4bit_quant_type {qt!r} "
+                                  f"(nf4 or fp4) and bnb_4bit_use_double_quant {dq!r} (true or false)")
+        kw.update(quant_type=qt, double_quant=dq)
     with torch.device("meta"):
         model = Transformer(load_args(path))
     add_lora(model, lora_device=device, **kw)
@@ -420,7 +483,8 @@ def save_quantized(model, out_dir, tokenizer=None):
         qc = {}
     else:
         q = m.quantized()
-        assert q.quant_type in ("nf4", "fp4"), f"bitsandbytes knows nf4 and fp4, not {q.quant_type}"
+        if q.quant_type not in ("nf4", "fp4"):  # a caller's error, so no assert (python -O would write the file)
+            raise ValueError(f"{out_dir}: bitsandbytes' format knows nf4 and fp4, not {q.quant_type}")
         qc = dict(quantization_config=dict(
             quant_method="bitsandbytes", load_in_4bit=True, load_in_8bit=False, bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.nested_absmax is not None, bnb_4bit_quant_storage="uint8",
@@ -450,31 +514,61 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
 
 def load_adapter(model, path):
     """Load a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the 4-bit modules: the ones
-    PEFT's target_modules names get a fresh adapter of its r / alpha / dropout, filled from the file; others none."""
-    c = json.loads((Path(path) / "adapter_config.json").read_text())
-    bad = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save")
-           if c.get(k)] + [f"{k}={c[k]}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if c.get(k, ok) != ok]
+    PEFT's target_modules names get a fresh adapter of its r / alpha / dropout, filled from the file; others none.
+    Every setting and tensor is checked first: a fault is a CheckpointError naming the file."""
+    file = Path(path) / "adapter_config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no adapter_config.json: not a PEFT adapter folder (adapter_config.json + "
+                              "adapter_model.safetensors)")
+    c = parse_json(file)
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{file}: a JSON {type(c).__name__}, not an object of settings")
+    bad = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
+                       "layers_to_transform") if c.get(k)] + \
+        [f"{k}={c[k]}" for k, ok in (("peft_type", "LORA"), ("bias", "none")) if c.get(k, ok) != ok]
+    r, alpha, p, targets = c.get("r"), c.get("lora_alpha"), c.get("lora_dropout") or 0.0, c.get("target_modules")
+    number = lambda v: type(v) in (int, float) and math.isfinite(v)  # True is no number here
+    for ok, what in ((type(r) is int and r > 0, f"r must be a positive int, not {repr(r)[:40]}"),
+                     (number(alpha) and alpha > 0, f"lora_alpha must be a positive number, not {repr(alpha)[:40]}"),
+                     (number(p) and 0 <= p < 1, f"lora_dropout must be in [0, 1), not {repr(p)[:40]}"),
+                     (isinstance(targets, str) or isinstance(targets, list) and targets and
+                      all(isinstance(t, str) for t in targets),
+                      f"target_modules must be a list of module names or one regex, not {repr(targets)[:40]}")):
+        if not ok:
+            bad.append(what)
     if bad:
-        raise ValueError(f"{path}: adapter settings not supported here: {', '.join(bad)}")
-    targets = c["target_modules"]  # a list of module-name suffixes, or one regex for the full name
-    hit = (lambda n: re.fullmatch(targets, n) is not None) if isinstance(targets, str) else \
+        raise CheckpointError(f"{file}: adapter settings not supported here: {'; '.join(bad)}")
+    # a list of module-name suffixes; PEFT's "all-linear"; else one string is a regex for the full name (PEFT's rule)
+    if targets == "all-linear":
+        targets = list(LINEARS)
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise CheckpointError(f"{file}: target_modules {targets!r} is not a valid regex ({e})") from None
+    hit = (lambda n: pattern.fullmatch(n) is not None) if isinstance(targets, str) else \
         (lambda n: any(n == t or n.endswith("." + t) for t in targets))
     mods = linears_4bit(model)
     for n, m in mods.items():
-        m.set_lora(c["r"] if hit(n) else 0, c["lora_alpha"], c.get("lora_dropout", 0.0), device=m.weight.device)
-    filled = set()
-    for key, t in read_safetensors(Path(path) / "adapter_model.safetensors"):
+        m.set_lora(r if hit(n) else 0, alpha, p, device=m.weight.device)
+    filled, weights = set(), Path(path) / "adapter_model.safetensors"
+    for key, t in read_safetensors(weights):
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
         if m is None or m[1] not in mods or not mods[m[1]].r:
-            raise ValueError(f"{path}: key {key!r} matches no adapted 4-bit module of this model")
+            raise CheckpointError(f"{weights}: key {key!r} matches no adapted 4-bit module of this model "
+                                  f"(target_modules {targets!r} in {file.name})")
         w = getattr(mods[m[1]], f"lora_{m[2]}").weight
-        assert t.shape == w.shape, f"{key}: shape {list(t.shape)}, the model expects {list(w.shape)}"
+        if t.shape != w.shape or not t.is_floating_point():
+            raise CheckpointError(f"{weights}: {key} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, the "
+                                  f"model expects a float {list(w.shape)} (r={r} in {file.name})")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{weights}: {key} holds NaN or infinity")
         with torch.no_grad():
             w.copy_(t)
         filled.add(key)
     if missing := sorted({f"base_model.model.{n}.lora_{ab}.weight" for n, m in mods.items() if m.r for ab in "AB"}
                          - filled):
-        raise ValueError(f"{path}: {len(missing)} adapter weights missing: {', '.join(missing[:4])}")
+        raise CheckpointError(f"{weights}: {len(missing)} adapter weights missing: {', '.join(missing[:4])}")
     return model
 
 

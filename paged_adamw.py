@@ -196,6 +196,15 @@ def unsigned_dynamic_map():
 
 
 SIGNED_MAP, UNSIGNED_MAP = Q.DYNAMIC, unsigned_dynamic_map()
+_on_device = {}  # (id(map), device) -> (map, its fp32 copy there, fp64 midpoints there): one copy, not one per step
+
+
+def _tables(code, device):
+    key = (id(code), device)
+    if key not in _on_device:  # the map itself is kept in the value, so its id cannot be reused while cached
+        c64 = code.to(device, torch.float64)
+        _on_device[key] = (code, code.to(device, torch.float32), (c64[1:] + c64[:-1]) / 2)
+    return _on_device[key][1:]
 
 
 def quantize_blockwise(x, code, blocksize=STATE_BLOCKSIZE, out=None, absmax=None):
@@ -210,8 +219,7 @@ def quantize_blockwise(x, code, blocksize=STATE_BLOCKSIZE, out=None, absmax=None
     amax = blocks.abs().amax(dim=1)  # (nb,)
     recip = torch.where(amax > 0, 1.0 / amax, torch.zeros_like(amax))
     scaled = (blocks * recip[:, None]).view(-1)[:n]
-    dyn = code.to(x.device, torch.float64)
-    idx = torch.bucketize(scaled.double(), (dyn[1:] + dyn[:-1]) / 2, out_int32=True)  # (n,) int32
+    idx = torch.bucketize(scaled.double(), _tables(code, x.device)[1], out_int32=True)  # (n,) int32
     out = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if out is None else out
     out.view(-1).copy_(idx)
     absmax = amax if absmax is None else absmax.copy_(amax)
@@ -223,7 +231,7 @@ def dequantize_blockwise(codes, absmax, code, blocksize=STATE_BLOCKSIZE):
     multiply (bitsandbytes' dequantize_blockwise)."""
     n = codes.numel()
     scale = absmax.repeat_interleave(blocksize)[:n]
-    return (code.to(codes.device)[codes.reshape(-1).long()] * scale).view(codes.shape)
+    return (_tables(code, codes.device)[0][codes.reshape(-1).long()] * scale).view(codes.shape)
 
 # ----------------------------------------------------------------------------------------------------------------
 # the optimizers

@@ -13,6 +13,8 @@ allocate and launch. The tests run every kernel under TRITON_INTERPRET=1 on CPU 
 
 This file imports only torch and triton: copy it into another project as it is.
 """
+import contextlib
+
 import torch
 
 try:
@@ -21,9 +23,15 @@ try:
 except ImportError:  # CPU-only installs (macOS, Windows): the references still work, CUDA tensors raise below
     triton = None
 
-# The fused kernel serves matmuls with at most this many rows of x (tokens); above it, dequantize + cuBLAS.
-# PROVISIONAL: set it from bench.py's measured crossover on a GPU (bench.py sweeps it by assigning this global).
-FUSED_MAX_TOKENS = 16
+# The fused kernel serves matmuls with at most this many rows of x (tokens), per direction (the forward x @ W.T and
+# the backward's grad_y @ W have different grids, so they can cross over at different sizes); above it, dequantize +
+# cuBLAS. PROVISIONAL: no GPU has measured them yet; set them from bench.py's crossovers (its dequant section sweeps
+# both directions by assigning this global).
+FUSED_MAX_TOKENS = {"forward": 16, "backward": 16}
+# The fused backward splits its reduction over N across programs (see matmul_4bit_triton): chunks of a multiple of
+# this many rows of W (a multiple of every BLOCK_N), as many as bring the grid to about _BWD_PROGRAMS programs.
+_BWD_CHUNK_ROWS = 256
+_BWD_PROGRAMS = 512  # a few programs per SM (108 SMs on an A100, 132 on an H100/H200): PROVISIONAL, untuned
 
 # -----------------------------------------------------------------------------
 # torch references (CPU, and the ground truth the Triton kernels are tested against)
@@ -60,7 +68,8 @@ def _search_table(code):
     FP4's table is not monotonic in the code, so search the sorted values; stable=True puts FP4's +0 (code 0)
     before its -0 (code 8), so a zero always gets the same code whatever the sort implementation."""
     values, order = code.float().sort(stable=True)
-    return (values[1:] + values[:-1]) / 2, order
+    # (narrow, not [1:]: bench/compile.py runs this on fake CUDA tensors, where a CPU-only torch cannot slice)
+    return (values.narrow(0, 1, 15) + values.narrow(0, 0, 15)) / 2, order
 
 
 def quantize_4bit_ref(x, code, blocksize):
@@ -159,7 +168,7 @@ if triton is not None:
         order_ptr,   # *int32 [16]: the code of each sorted table value
         packed_ptr,  # *uint8 [(numel+1)//2] output
         absmax_ptr,  # *fp32 [nblocks] output
-        numel, nblocks,
+        numel, nbytes, nblocks,  # nbytes = (numel+1)//2, passed: a multiple of 16 lets Triton vectorize the stores
         BLOCKSIZE: tl.constexpr,
         ROWS: tl.constexpr,  # quantization blocks per program: a [ROWS, BLOCKSIZE] tile of elements
     ):
@@ -181,7 +190,7 @@ if triton is not None:
         # ---- pack (2k, 2k+1) into one byte, 2k in the high nibble; an odd tail's pad element is 0.0's code
         hi, lo = tl.split(tl.reshape(c, [ROWS, BLOCKSIZE // 2, 2]))
         byte_idx = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-        tl.store(packed_ptr + byte_idx, ((hi << 4) | lo).to(tl.uint8), mask=byte_idx < (numel + 1) // 2)
+        tl.store(packed_ptr + byte_idx, ((hi << 4) | lo).to(tl.uint8), mask=byte_idx < nbytes)
         tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
 
     @triton.jit
@@ -211,10 +220,11 @@ if triton is not None:
         code_ptr,           # *fp32 [16]
         nested_absmax_ptr,  # *fp32 (DQ only)
         nested_code_ptr,    # *fp32 [256] (DQ only)
-        out_ptr,            # *x.dtype [M, N] forward, [M, K] backward; unit stride on the last dim
+        out_ptr,            # *x.dtype [M, N] forward; backward [splits, M, K], fp32 partial sums where splits > 1
         offset,             # fp32 (DQ only)
         M, N, K,
-        stride_xm, stride_om,
+        n_chunk,            # backward: rows of W (of N) each program reduces over; a multiple of BLOCK_N
+        stride_xm, stride_os, stride_om,  # stride_os: between the backward's partial sums (program_id(2))
         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         TRANSPOSE: tl.constexpr,      # False: y = x @ W.T (forward); True: y = x @ W (backward)
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 like torch's default, "tf32" where torch allows it
@@ -226,7 +236,9 @@ if triton is not None:
         W_odd = W[:, 1::2]. Each tile of B is dequantized once into both, and
             forward:  y = x @ W.T = x[:, 0::2] @ W_even.T + x[:, 1::2] @ W_odd.T
             backward: y = g @ W,   y[:, 0::2] = g @ W_even,  y[:, 1::2] = g @ W_odd
-        so the bytes load contiguously and W is never interleaved, only x (forward) or y (backward) is."""
+        so the bytes load contiguously and W is never interleaved, only x (forward) or y (backward) is.
+        The backward sums over N = sum over chunks s of g[:, chunk s] @ W[chunk s, :]: program (i, j, s) writes
+        its chunk's partial sum, and the host adds them in a fixed order (deterministic, unlike atomics)."""
         KB = K // 2
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         if not TRANSPOSE:
@@ -249,11 +261,12 @@ if triton is not None:
                 acc = _dot(x_odd, w_odd, acc, DOT_PRECISION, INTERPRETER)
             offs_out = offs_n
         else:
-            # ---- backward: a [BLOCK_M, 2 * BLOCK_KB] tile of y, reducing over N
+            # ---- backward: a [BLOCK_M, 2 * BLOCK_KB] tile of y, reducing over one chunk of N
             kb = tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)
             acc_even = tl.zeros([BLOCK_M, BLOCK_KB], dtype=tl.float32)
             acc_odd = tl.zeros([BLOCK_M, BLOCK_KB], dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
+            n_lo = tl.program_id(2) * n_chunk
+            for n0 in range(n_lo, tl.minimum(n_lo + n_chunk, N), BLOCK_N):  # (tiles never cross a chunk's end)
                 n = n0 + tl.arange(0, BLOCK_N)
                 g_mask = (offs_m[:, None] < M) & (n[None, :] < N)
                 g = tl.load(x_ptr + offs_m[:, None] * stride_xm + n[None, :], mask=g_mask, other=0.0)
@@ -268,20 +281,33 @@ if triton is not None:
             offs_out = 2 * tl.program_id(1) * BLOCK_KB + tl.arange(0, 2 * BLOCK_KB)
         # ---- one cast of the fp32 accumulator, masked store
         out_mask = (offs_m[:, None] < M) & (offs_out[None, :] < (K if TRANSPOSE else N))
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_out[None, :]
+        out_ptrs = out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_out[None, :]
         tl.store(out_ptrs, _cast(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=out_mask)
 
     # On a GPU the fused matmul picks its tiles per (M bucket, N, K, direction, DQ, dtypes). It serves few tokens,
     # so BLOCK_M comes from the host and the list spans weight tiles: narrow ones with long byte runs keep many
-    # programs and bytes in flight when N (forward) or K (backward) is the only parallelism. PROVISIONAL, untuned.
+    # programs and bytes in flight when N (forward) or K (backward) is the only parallelism. Only tiles that
+    # compile for sm_80 and sm_90 without register spills and within shared memory, in bf16 and fp16, at every
+    # preset's layer shapes and BLOCK_M 16-64 (bench/compile.py; tests/test_compile.py checks them): the dequantized
+    # fp32 W tile lives in registers, 2 * BLOCK_N * BLOCK_KB values per program, so 4 warps take at most 2048 bytes
+    # of B per tile and 8 warps 4096 (64 x 64 on 4 warps, 16 x 256 or 32 x 128 on 4 spill up to 1.6 KB a thread).
+    # Which tile is fastest is PROVISIONAL: no GPU has timed them yet.
     _matmul_4bit_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb}, num_warps=w, num_stages=s)
-                 for bn, bkb, w, s in [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 4),
-                                       (64, 128, 4, 3), (128, 64, 8, 3)]],
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb}, num_warps=w, num_stages=3)
+                 for bn, bkb, w in [(16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8), (128, 32, 8)]],
         key=["BLOCK_M", "N", "K", "TRANSPOSE", "DOUBLE_QUANT"],
     )(_matmul_4bit_kernel)
 
+    assert all(_BWD_CHUNK_ROWS % c.kwargs["BLOCK_N"] == 0 for c in _matmul_4bit_tuned.configs), "see _BWD_CHUNK_ROWS"
+    # the tile the interpreter runs (tests/test_kernels.py also runs it with each config of the list above)
+    _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_KB": 16}, num_warps=4)
     _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+    def _on_device(t):
+        """Triton launches on the current CUDA device (torch.cuda.current_device()), whatever device the tensors
+        are on: on GPU 1 with GPU 0 current it would run GPU 1's pointers on GPU 0. Every launch here runs inside
+        this, which makes the tensors' device current (a no-op when it already is; nothing on CPU tensors)."""
+        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
     def _check_state(packed, absmax, code, blocksize, numel, nested_absmax, nested_code, nested_blocksize):
         """The quantization state must be bitsandbytes-shaped, contiguous and on packed's device."""
@@ -312,11 +338,12 @@ if triton is not None:
         nblocks = triton.cdiv(numel, blocksize)
         rows = max(1, 2048 // (blocksize // 2))  # 2048 packed bytes (4096 outputs) per program
         dq = nested_absmax is not None  # without DQ the nested pointers are placeholders the kernel never reads
-        _dequantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
-            packed, absmax, code, nested_absmax if dq else absmax, nested_code if dq else code, out,
-            float(offset), numel, (numel + 1) // 2, nblocks,
-            BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq, ROWS=rows,
-            INTERPRETER=not packed.is_cuda, num_warps=4, enable_fp_fusion=False)  # no FMA contraction: see _load_absmax
+        with _on_device(packed):
+            _dequantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
+                packed, absmax, code, nested_absmax if dq else absmax, nested_code if dq else code, out,
+                float(offset), numel, (numel + 1) // 2, nblocks,
+                BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq, ROWS=rows,
+                INTERPRETER=not packed.is_cuda, num_warps=4, enable_fp_fusion=False)  # no FMA: see _load_absmax
         return out
 
     def quantize_4bit_triton(x, code, blocksize):
@@ -333,9 +360,11 @@ if triton is not None:
         if n == 0:
             return packed, absmax
         mids, order = _search_table(code)  # the same midpoints as the reference, computed by the same torch ops
-        rows = max(1, 2048 // blocksize)  # 2048 elements per program
-        _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
-            x, mids, order.to(torch.int32), packed, absmax, n, nblocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4)
+        rows = max(1, 4096 // blocksize)  # 4096 elements per program: 16 packed bytes per thread, one 16-byte store
+        with _on_device(x):
+            _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
+                x, mids, order.to(torch.int32), packed, absmax, n, (n + 1) // 2, nblocks, BLOCKSIZE=blocksize,
+                ROWS=rows, num_warps=4)
         return packed, absmax
 
     def matmul_4bit_triton(x, packed, absmax, code, blocksize, shape,
@@ -345,29 +374,49 @@ if triton is not None:
         N, K = shape
         assert K % 2 == 0, "the fused kernel reads whole bytes per row of W: K must be even"
         assert x.shape[-1] == (N if transpose else K) and x.dtype in _OUT_DTYPES, f"x {tuple(x.shape)} {x.dtype}"
+        # fp32 tiles are twice as large: compiled for sm_80/sm_90 most configs spill, some exceed shared memory
+        # (bench/compile.py), so on a GPU fp32 goes to dequantize + matmul; the interpreter (tests) runs any dtype
+        assert not (x.is_cuda and x.dtype == torch.float32), "the fused kernel takes bf16/fp16 on a GPU"
         assert N * K < 2**32, "byte indices are int32"
         _check_state(packed, absmax, code, blocksize, N * K, nested_absmax, nested_code, nested_blocksize)
         assert x.device == packed.device
         x2 = x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         M = x2.shape[0]
-        out = torch.empty(M, K if transpose else N, dtype=x.dtype, device=x.device)
-        if out.numel() == 0:
-            return out.view(*x.shape[:-1], out.shape[-1])
+        if M * (K if transpose else N) == 0:
+            return x.new_empty(*x.shape[:-1], K if transpose else N)
+        block_m = min(64, max(16, triton.next_power_of_2(M)))  # tl.dot needs >= 16 rows
+        # The backward's grid over (M, K) alone is small (a 4096 x 4096 W, 16 tokens: 32 programs of 64 bytes'
+        # columns on 132 SMs, each looping over all of N): split N into chunks, programs (i, j, s), until there
+        # are about _BWD_PROGRAMS, and add the chunks' fp32 partial sums after (an fp32 [splits, M, K] buffer, a
+        # few MB; a second pass rather than atomics, so the result is the same on every run).
+        splits, n_chunk = 1, N
+        if transpose:
+            tiles = triton.cdiv(M, block_m) * triton.cdiv(K // 2, 64)
+            want = min(triton.cdiv(_BWD_PROGRAMS, tiles), N // _BWD_CHUNK_ROWS)
+            if want > 1:
+                n_chunk = triton.cdiv(triton.cdiv(N, want), _BWD_CHUNK_ROWS) * _BWD_CHUNK_ROWS
+                splits = triton.cdiv(N, n_chunk)
+        # the kernel's output: y in x.dtype, or the backward's fp32 partial sums [splits, M, K]
+        part = torch.empty(splits, M, K if transpose else N, dtype=x.dtype if splits == 1 else torch.float32,
+                           device=x.device)
         dq = nested_absmax is not None
         tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-        args = (x2, packed, absmax, code, nested_absmax if dq else absmax, nested_code if dq else code, out,
-                float(offset), M, N, K, x2.stride(0), out.stride(0))
+        args = (x2, packed, absmax, code, nested_absmax if dq else absmax, nested_code if dq else code, part,
+                float(offset), M, N, K, n_chunk, x2.stride(0), part.stride(0), part.stride(1))
         meta = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq, TRANSPOSE=transpose,
-                    DOT_PRECISION="tf32" if tf32 else "ieee", INTERPRETER=not x.is_cuda,
-                    BLOCK_M=min(64, max(16, triton.next_power_of_2(M))),  # tl.dot needs >= 16 rows
+                    DOT_PRECISION="tf32" if tf32 else "ieee", INTERPRETER=not x.is_cuda, BLOCK_M=block_m,
                     enable_fp_fusion=False)  # W' tiles dequantized as the dequantize kernel: see _load_absmax
         grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]),
-                          triton.cdiv(K // 2, c["BLOCK_KB"]) if transpose else triton.cdiv(N, c["BLOCK_N"]))
-        if x.is_cuda:
-            _matmul_4bit_tuned[grid](*args, **meta)
-        else:  # the interpreter (tests): one small fixed tile, as autotuning would run every config there
-            _matmul_4bit_kernel[grid](*args, **meta, BLOCK_N=32, BLOCK_KB=16, num_warps=4)
+                          triton.cdiv(K // 2, c["BLOCK_KB"]) if transpose else triton.cdiv(N, c["BLOCK_N"]), splits)
+        with _on_device(x):
+            if x.is_cuda:
+                _matmul_4bit_tuned[grid](*args, **meta)
+            else:  # the interpreter (tests): one config, as autotuning would run every config there
+                c = _INTERPRETER_CONFIG
+                _matmul_4bit_kernel[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps)
+        # fp32 sum over the chunks (in order: the same bits on every run), one rounding to x.dtype
+        out = part.view(M, -1) if splits == 1 else part.sum(dim=0).to(x.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -405,7 +454,9 @@ def matmul_4bit(x, packed, absmax, code, blocksize, shape,
     state = (packed, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
     if not _use_triton(x):
         return matmul_4bit_ref(x, *state, transpose=transpose)
-    if x.numel() // max(x.shape[-1], 1) <= FUSED_MAX_TOKENS and shape[1] % 2 == 0:
+    tokens = x.numel() // max(x.shape[-1], 1)
+    fused = x.dtype != torch.float32 and shape[1] % 2 == 0  # fp32: see matmul_4bit_triton
+    if fused and tokens <= FUSED_MAX_TOKENS["backward" if transpose else "forward"]:
         return matmul_4bit_triton(x, *state, transpose=transpose)
     N, K = shape
     W = dequantize_4bit_triton(packed, absmax, code, blocksize, N * K, x.dtype,

@@ -214,15 +214,16 @@ def test_quantize_known_bytes():
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@runs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
-@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
-@pytest.mark.parametrize("M,N,K_,blocksize", [(3, 40, 72, 64), (1, 17, 34, 32), (20, 64, 130, 128)])
-def test_matmul_matches_reference(dtype, dq, transpose, M, N, K_, blocksize, monkeypatch):
-    if ON_GPU:  # one tile config: autotuning every shape x dtype here would compile for minutes
-        monkeypatch.setattr(K._matmul_4bit_tuned, "configs", K._matmul_4bit_tuned.configs[:1])
-    # K_ = 34, 72 and 130 are not multiples of the block, so blocks straddle rows of W; N = 17 is odd
+# On a GPU the fused kernel takes bf16 and fp16 (fp32 goes to dequantize + matmul: its tiles spill or overflow
+# shared memory, see kernels.py), and K a multiple of 16 as every model's layers: with other K Triton cannot
+# vectorize, and the same tiles need 2-3x the shared memory. The interpreter runs any of them.
+MM_DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else DTYPES
+MM_SHAPES = ([(3, 40, 96, 64), (1, 17, 32, 32), (20, 64, 160, 128)] if ON_GPU else
+             [(3, 40, 72, 64), (1, 17, 34, 32), (20, 64, 130, 128)])
+
+
+def _check_matmul(dtype, dq, transpose, M, N, K_, blocksize):
+    """The fused matmul on DEVICE against the reference, x with a leading batch dim: [B, T, .]."""
     packed, absmax = K.quantize_4bit_ref(torch.randn(N, K_), NF4, blocksize)
     state = _double_quantize(absmax) if dq else (absmax, None, None, 0.0)
     x = torch.randn(2, (M + 1) // 2, N if transpose else K_, dtype=dtype)  # a leading batch dim: [B, T, .]
@@ -232,6 +233,95 @@ def test_matmul_matches_reference(dtype, dq, transpose, M, N, K_, blocksize, mon
     assert y_tri.shape == y_ref.shape == (*x.shape[:-1], K_ if transpose else N) and y_tri.dtype == dtype
     scale = y_ref.float().abs().max().item()
     torch.testing.assert_close(y_tri, y_ref, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+def _record_launches(monkeypatch, run_them=True):
+    """[(kernel, grid, current CUDA device)] of every launch from now on (the device Triton would launch on:
+    its driver reads torch.cuda.current_device()); the kernels still run unless run_them=False."""
+    launches = []
+    for name in ("_dequantize_4bit_kernel", "_quantize_4bit_kernel", "_matmul_4bit_kernel", "_matmul_4bit_tuned"):
+        kern = getattr(K, name)
+
+        def run(*args, grid, kern=kern, name=name, original=kern.run, **kw):
+            launches.append((name, grid, None if run_them else torch.cuda.current_device()))
+            return original(*args, grid=grid, **kw) if run_them else None
+        monkeypatch.setattr(kern, "run", run)
+    return launches
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", MM_DTYPES)
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("M,N,K_,blocksize", MM_SHAPES)
+def test_matmul_matches_reference(dtype, dq, transpose, M, N, K_, blocksize, monkeypatch):
+    if ON_GPU:  # one tile config here (test_matmul_every_config runs the others): autotuning every shape x dtype
+        monkeypatch.setattr(K._matmul_4bit_tuned, "configs", K._matmul_4bit_tuned.configs[:1])  # compiles minutes
+    # K_ = 34, 72 and 130 are not multiples of the block, so blocks straddle rows of W; N = 17 is odd
+    _check_matmul(dtype, dq, transpose, M, N, K_, blocksize)
+
+
+@runs_kernels
+@pytest.mark.parametrize("config", range(len(K._matmul_4bit_tuned.configs)) if hasattr(K, "_matmul_4bit_tuned")
+                         else [], ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
+def test_matmul_every_config(config, transpose, monkeypatch):
+    # every config the autotuner may pick (on a GPU pinned as its only choice; in the interpreter as its tile)
+    cfg = K._matmul_4bit_tuned.configs[config]
+    monkeypatch.setattr(K._matmul_4bit_tuned, "configs", [cfg])
+    monkeypatch.setattr(K, "_INTERPRETER_CONFIG", cfg)
+    for dtype, dq in ((torch.bfloat16, True), (torch.float16, False)):
+        _check_matmul(dtype, dq, transpose, 5, 72, 96 if ON_GPU else 130, 64)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", MM_DTYPES)
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("M,N,K_,blocksize", [(3, 300, 96, 64), (20, 260, 32, 32)] if ON_GPU else
+                         [(3, 130, 32, 64), (20, 100, 34, 32)])
+def test_matmul_backward_split_over_n(dtype, dq, M, N, K_, blocksize, monkeypatch):
+    # chunks of N small enough (a multiple of every BLOCK_N that runs) that these N split 2-3 ways, as a
+    # 4096-row W does at its real chunk size; the last chunk is partial (130 = 2 * 64 + 2, 260 = 256 + 4)
+    monkeypatch.setattr(K, "_BWD_CHUNK_ROWS", 128 if ON_GPU else 32)
+    monkeypatch.setattr(K, "_BWD_PROGRAMS", 1 << 20)
+    launches = _record_launches(monkeypatch)
+    _check_matmul(dtype, dq, True, M, N, K_, blocksize)
+    grid = launches[-1][1]
+    splits = (grid(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KB=16)) if callable(grid) else grid)[2]
+    assert splits >= 2, f"the reduction over N = {N} was not split: {splits} program(s) along it"
+
+
+def test_every_launch_runs_on_the_tensors_device(monkeypatch):
+    # Triton launches on torch.cuda.current_device() and its stream, whatever device the pointers belong to.
+    # Fake CUDA tensors on cuda:1 (shapes, no memory: this runs without a GPU) while cuda:0 is current; each
+    # launch records the current device instead of running. Without kernels.py's guard it reads 0.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    current = [0]
+
+    def exchange(idx):  # torch.cuda.device(i) enters with _exchange_device(i), leaves with _maybe_exchange_device
+        prev, current[0] = current[0], (current[0] if idx < 0 else idx)
+        return prev
+    monkeypatch.setattr(torch.cuda, "_exchange_device", exchange)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", exchange)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    launches = _record_launches(monkeypatch, run_them=False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        dev = torch.device("cuda:1")
+        N, K_ = 64, 96
+        packed, absmax = torch.empty(N * K_ // 2, dtype=torch.uint8, device=dev), torch.empty(N * K_ // 64, device=dev)
+        code = torch.empty(16, device=dev)
+        K.quantize_4bit(torch.empty(N, K_, dtype=torch.bfloat16, device=dev), code, 64)
+        K.dequantize_4bit(packed, absmax, code, 64, N * K_, torch.bfloat16)
+        state = (packed, absmax, code, 64, (N, K_))
+        K.matmul_4bit(torch.empty(2, K_, dtype=torch.bfloat16, device=dev), *state)  # fused (<= FUSED_MAX_TOKENS)
+        K.matmul_4bit(torch.empty(2, N, dtype=torch.bfloat16, device=dev), *state, transpose=True)
+        K.matmul_4bit(torch.empty(2, K_, dtype=torch.float32, device=dev), *state)  # fp32: dequantize + matmul
+        K.matmul_4bit(torch.empty(512, K_, dtype=torch.bfloat16, device=dev), *state)  # many tokens: the same
+    names = [n for n, _, _ in launches]
+    assert names == ["_quantize_4bit_kernel", "_dequantize_4bit_kernel", "_matmul_4bit_tuned", "_matmul_4bit_tuned",
+                     "_dequantize_4bit_kernel", "_dequantize_4bit_kernel"], names
+    assert [d for _, _, d in launches] == [1] * 6, "a launch ran on the current device, not the tensors'"
+    assert current[0] == 0, "the guard must restore the current device"
 
 
 # -----------------------------------------------------------------------------
@@ -278,3 +368,35 @@ def test_bitsandbytes_parity(quant_type, dq):
     nested = (st.state2.absmax, st.state2.code, float(st.offset), st.state2.blocksize) if dq else ()
     w = _triton(K.dequantize_4bit_triton, packed, st.absmax, st.code, 64, x.numel(), x.dtype, *nested)
     _assert_bits_equal(w, F.dequantize_4bit(packed, st).reshape(-1), "dequantized W")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: bitsandbytes' CUDA kernels against ours (bench/gpu.sh)")
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+def test_bitsandbytes_cuda_parity(quant_type, dq):
+    # The same comparison on CUDA tensors, against bitsandbytes' CUDA kernels. One known difference: for an
+    # all-zero block its CUDA quantize writes 0x00 bytes (the code of -1.0 in NF4), ours 0.0's code in both nibbles
+    # (0x77 in NF4; bitsandbytes' CPU path does the same); with absmax 0 both decode to zeros.
+    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    import qlora as Q
+    x = _random_input(37 * 61, 64, torch.bfloat16).view(37, 61).cuda()  # its first block of 64 is all zero
+    packed, st = F.quantize_4bit(x, blocksize=64, quant_type=quant_type, compress_statistics=dq)
+    code = st.code.cuda()
+    p_tri, a_tri = K.quantize_4bit_triton(x, code, 64)
+    zero = torch.arange(p_tri.numel(), device=x.device) < 32  # the all-zero block's 32 bytes
+    zero_byte = K.quantize_4bit_ref(torch.zeros(2), st.code.cpu(), 64)[0].item()  # 0.0's code, twice
+    assert torch.equal(p_tri[~zero], packed.reshape(-1)[~zero]), "packed bytes differ outside the all-zero block"
+    assert (packed.reshape(-1)[zero] == 0).all() and (p_tri[zero] == zero_byte).all()
+    if dq:  # the 8-bit codes of the absmax (ours: qlora.double_quantize in torch), their scales and offset
+        codes, nested, offset = Q.double_quantize(a_tri)
+        assert torch.equal(codes, st.absmax) and torch.equal(nested, st.state2.absmax)
+        assert offset == float(st.offset)
+    else:
+        assert torch.equal(a_tri, st.absmax)
+    nested = (st.state2.absmax, st.state2.code, float(st.offset), st.state2.blocksize) if dq else ()
+    w_bnb = F.dequantize_4bit(packed, st).reshape(-1)
+    w = K.dequantize_4bit_triton(packed.reshape(-1), st.absmax, code, 64, x.numel(), x.dtype, *nested)
+    _assert_bits_equal(w.cpu(), w_bnb.cpu(), "dequantized W")
+    # our bytes decode to the same values (in the zero block 0.0 * 0 = +0.0 where its -1.0 * 0 gives -0.0)
+    w = K.dequantize_4bit_triton(p_tri, st.absmax, code, 64, x.numel(), x.dtype, *nested)
+    assert torch.equal(w, w_bnb)

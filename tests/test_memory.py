@@ -172,10 +172,11 @@ def test_plan_offloads_only_checkpointed_inputs_on_cuda():
     with torch.device("meta"):
         model = M.Transformer(M.get_args("tiny"))
         Q.add_lora(model, r=8, alpha=8, dropout=0.0)
-    for flags, cuda, offloaded in (([], True, True), (["--grad_checkpoint=false"], True, False), ([], False, False)):
-        cfg = T.parse_config(["--offload_activations=true", "--grad_checkpoint=true", *flags])
+    for grad_checkpoint, cuda, offloaded in ((True, True, True), (False, True, False), (True, False, False)):
+        cfg = T.parse_config(["--offload_activations=true", "--grad_checkpoint=true"])
+        cfg.grad_checkpoint = grad_checkpoint  # as a config built in code may have it
         plan, _ = T.memory_plan(cfg, model, 8, 256, 4, cuda=cuda)
-        assert ("saved: block inputs offloaded to host" in plan) == offloaded, (flags, cuda)
+        assert ("saved: block inputs offloaded to host" in plan) == offloaded, (grad_checkpoint, cuda)
 
 
 def test_settings():
@@ -184,6 +185,8 @@ def test_settings():
     assert T.parse_config(["--optimizer=paged_adamw_8bit"]).optimizer == "paged_adamw_8bit"
     with pytest.raises(T.ConfigError, match="paged_adamw_8bit"):
         T.parse_config(["--optimizer=adamw8bit"])
+    with pytest.raises(T.ConfigError, match="needs --grad_checkpoint=true"):  # a no-op would be a silent one
+        T.parse_config(["--offload_activations=true"])
 
 
 def test_8bit_training_run_resumes_exactly(tmp_path):

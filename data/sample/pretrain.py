@@ -16,6 +16,10 @@ of a held-out pair (in either order), no held-out word of a reversal or count (n
 is generalizing. The loss is on every token (the operands are random, so it cannot reach 0).
 Optimization: 2000 steps of batch 64, AdamW (0.9, 0.95), lr 3e-3 after 100 warmup steps, cosine to 10%, weight
 decay 0.1, grad clip 1, fp32, seed 1337, one thread: the run repeats itself bit for bit on a given CPU build.
+Reached (the committed base): loss 1.0076 (mean of the last 100 steps); the held-out prompts asked in plain form
+("15+37=" -> "52"), greedy exact: add 100%, reverse 100%, count 100%, in fp32 and in NF4 + DQ (after 1000 steps:
+add 97%). 849,046 bytes written. 2,250 s on one thread of a heavily loaded 2-core machine (~0.33 s of CPU a step,
+so ~11 min idle).
 """
 import copy
 import math

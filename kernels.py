@@ -286,12 +286,15 @@ if triton is not None:
 
     # On a GPU the fused matmul picks its tiles per (M bucket, N, K, direction, DQ, dtypes). It serves few tokens,
     # so BLOCK_M comes from the host and the list spans weight tiles: narrow ones with long byte runs keep many
-    # programs and bytes in flight when N (forward) or K (backward) is the only parallelism. Only tiles that
-    # compile for sm_80 and sm_90 without register spills and within shared memory, in bf16 and fp16, at every
-    # preset's layer shapes and BLOCK_M 16-64 (bench/compile.py; tests/test_compile.py checks them): the dequantized
-    # fp32 W tile lives in registers, 2 * BLOCK_N * BLOCK_KB values per program, so 4 warps take at most 2048 bytes
-    # of B per tile and 8 warps 4096 (64 x 64 on 4 warps, 16 x 256 or 32 x 128 on 4 spill up to 1.6 KB a thread).
-    # Which tile is fastest is PROVISIONAL: no GPU has timed them yet.
+    # programs and bytes in flight when N (forward) or K (backward) is the only parallelism. The dequantized fp32
+    # W tile lives in registers, 2 * BLOCK_N * BLOCK_KB values per program, so 4 warps take at most 2048 bytes of
+    # B per tile and 8 warps 4096: larger ones (64 x 64 on 4 warps, 16 x 256 or 32 x 128 on 4) spill up to 1.6 KB a
+    # thread or exceed an A100's shared memory. Compiled for sm_80 and sm_90 (bench/compile.py, Triton 3.9) at every
+    # preset's layer shapes, bf16 and fp16, BLOCK_M 16-64 and M = 1: all within shared memory (at most 112 KiB),
+    # no spills at the 7B shapes of the default run (tests/test_compile.py checks them). Each config spills 8-44
+    # bytes in one or two other specializations, at 80-168 registers (far from the 255 cap: not the pressure above);
+    # on sm_90 the cases checked spill nothing when ptxas runs without the --regAllocOptLevel=2 that Triton 3.9
+    # adds (bench/RESULTS.md). Which tile is fastest is PROVISIONAL: no GPU has timed them yet.
     _matmul_4bit_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb}, num_warps=w, num_stages=3)
                  for bn, bkb, w in [(16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8), (128, 32, 8)]],

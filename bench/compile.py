@@ -156,8 +156,9 @@ def layer_shapes(presets):
 
 def specializations(quick):
     """[(label, kernel name, grid, args, kwargs)]: every launch to compile, de-duplicated by what Triton
-    specializes on (integers only by == 1 and divisibility by 16, so most preset shapes share one binary)."""
-    jobs, seen = [], set()
+    specializes on (integers only by == 1 and divisibility by 16, so most preset shapes share one binary). A label
+    names the first shape of those that share the binary, and how many others do."""
+    jobs, seen = [], {}
 
     def add(label, call):
         for name, grid, args, kw in record(call):
@@ -171,8 +172,10 @@ def specializations(quick):
                                        ("1" if a == 1 else f"d{a % 16 == 0}") if isinstance(a, int) and
                                        not isinstance(a, bool) else type(a).__name__ for a in args),
                         tuple(sorted((n, str(v)) for n, v in k.items())))
-                if spec not in seen:
-                    seen.add(spec)
+                if spec in seen:
+                    seen[spec][1] += 1
+                else:
+                    seen[spec] = [len(jobs), 0]
                     tile = f" config {i} ({_config(cfg)})" if cfg else ""
                     jobs.append((label + tile, name, g, args, k))
 
@@ -191,6 +194,9 @@ def specializations(quick):
         add(f"matmul {'backward' if transpose else 'forward'} {dn}{' dq' * dq} M={T} {N}x{K}",
             lambda: kernels.matmul_4bit_triton(torch.empty(T, N if transpose else K, dtype=DTYPES[dn], device="cuda"),
                                                *_nf4_state(N * K, 64, dq, (N, K)), transpose=transpose))
+    for i, more in seen.values():
+        if more:
+            jobs[i] = (jobs[i][0] + f" (+{more} shapes)",) + jobs[i][1:]
     return jobs
 
 

@@ -291,8 +291,9 @@ if triton is not None:
     # B per tile and 8 warps 4096: larger ones (64 x 64 on 4 warps, 16 x 256 or 32 x 128 on 4) spill up to 1.6 KB a
     # thread or exceed an A100's shared memory. Compiled for sm_80 and sm_90 (bench/compile.py, Triton 3.9) at every
     # preset's layer shapes, bf16 and fp16, BLOCK_M 16-64 and M = 1: all within shared memory (at most 112 KiB),
-    # no spills at the 7B shapes of the default run (tests/test_compile.py checks them). Each config spills 8-44
-    # bytes in one or two other specializations, at 80-168 registers (far from the 255 cap: not the pressure above);
+    # no spills for 16 tokens in bf16 with DQ at a 7B layer (tests/test_compile.py checks that set). Each config
+    # spills 8-44 bytes in one or two other specializations, at 80-168 registers (far from the 255 cap, unlike the
+    # pressure spills above);
     # on sm_90 the cases checked spill nothing when ptxas runs without the --regAllocOptLevel=2 that Triton 3.9
     # adds (bench/RESULTS.md). Which tile is fastest is PROVISIONAL: no GPU has timed them yet.
     _matmul_4bit_tuned = triton.autotune(

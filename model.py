@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -162,6 +163,104 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+IGNORE_INDEX = -100  # targets that the loss skips (PyTorch's and Hugging Face's convention)
+CE_CHUNK_ELEMENTS = 2**23  # logits per chunk of the chunked loss (32 MiB in fp32): tokens per chunk = this / vocab
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of the head's logits, a chunk of tokens at a time, so that the (N, vocab) logits,
+    their fp32 copy and their gradient never exist whole (at 16 x 512 tokens and 32000 ids: 1 GB each in fp32).
+      loss:      z_i = h_i W^T (in h's dtype, then fp32), loss = sum over i with t_i != ignore of lse(z_i) - z_i[t_i]
+      gradients: dz_i = softmax(z_i) - onehot(t_i), 0 for ignored i;  dh_i = dz_i W,  dW = sum_i dz_i^T h_i
+    The loss is the graph's last node, so its incoming gradient is one scalar g: with `grads` (a backward follows)
+    forward computes dh and dW chunk by chunk while each chunk's logits exist, and backward only scales them by g.
+    No logits are recomputed (Liger-Kernel's fused linear cross-entropy does the same); dh takes h's place."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, grads):  # h: (N, dim), weight: (vocab, dim), targets: (N,)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
+        for s in range(0, h.size(0), chunk):
+            hc, t = h[s:s + chunk], targets[s:s + chunk]
+            z = F.linear(hc, weight).float()  # (c, vocab): as the unchunked head, then its fp32 copy
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            keep = t != IGNORE_INDEX
+            loss += (lse - z.gather(1, t.clamp(min=0)[:, None])[:, 0])[keep].sum()
+            if dh is None and dw is None:
+                continue
+            p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            rows = keep.nonzero()[:, 0]
+            p[rows, t[rows]] -= 1
+            p *= keep[:, None]  # ignored tokens: no gradient
+            dz = p.to(h.dtype)  # the unchunked loss's gradient reaches the head in h's dtype too
+            if dh is not None:
+                dh[s:s + chunk] = dz @ weight
+            if dw is not None:
+                dw += (dz.t() @ hc).float()
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        if (ctx.needs_input_grad[0] and dh is None) or (ctx.needs_input_grad[1] and dw is None):
+            raise RuntimeError("ChunkedCrossEntropy: backward through a loss computed without grads=True")
+        return (None if dh is None else dh * grad.to(dh.dtype),
+                None if dw is None else (dw * grad).to(ctx.weight_dtype), None, None, None)
+
+
+class ActivationOffload:
+    """CUDA only: with gradient checkpointing, each block's input (the one activation checkpointing keeps, B x T x
+    dim) goes to pinned host memory in forward and comes back in backward, so the GPU holds about two of them instead
+    of one per layer (torchtune's activation offloading, Unsloth's gradient offloading). Copies run on a side stream:
+    a block's input leaves while the next block computes, and in backward the input of block i-1 is prefetched while
+    block i recomputes and runs backward. One instance per forward pass; `block(x)` is the saved-tensor hooks for the
+    checkpointed call whose input is x (torch's non-reentrant checkpoint saves its inputs under the outer hooks)."""
+
+    def __init__(self, device):
+        self.device, self.stream, self.saved = device, torch.cuda.Stream(device), []
+
+    def block(self, x):
+        def pack(t):  # the rope tables (slices of buffers, also saved) stay where they are
+            if t.data_ptr() != x.data_ptr() or t.shape != x.shape:
+                return t
+            return self._offload(t)
+
+        def unpack(r):
+            return r if torch.is_tensor(r) else self._fetch(r)
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def _offload(self, t):
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t has been computed
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)  # t's memory is not reused before the copy has read it
+        r = dict(i=len(self.saved), host=host, left=self.stream.record_event(), gpu=None, back=None)
+        self.saved.append(r)
+        return r
+
+    def _prefetch(self, r):
+        self.stream.wait_event(r["left"])
+        with torch.cuda.stream(self.stream):
+            r["gpu"] = torch.empty(r["host"].shape, dtype=r["host"].dtype, device=self.device)
+            r["gpu"].copy_(r["host"], non_blocking=True)
+        r["back"] = self.stream.record_event()
+
+    def _fetch(self, r):
+        if r["gpu"] is None:
+            self._prefetch(r)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(r["back"])
+        x, r["gpu"] = r["gpu"], None
+        x.record_stream(current)  # allocated on the side stream, used on this one
+        if r["i"] > 0 and self.saved[r["i"] - 1]["gpu"] is None:  # backward runs the blocks in reverse
+            self._prefetch(self.saved[r["i"] - 1])
+        return x
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -174,6 +273,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_checkpoint = False  # recompute each block in backward: activations O(layers) -> O(1) blocks
+        self.offload_activations = False  # with grad_checkpoint on CUDA: block inputs in host memory (CPU: no-op)
+        self.chunked_loss = True  # forward(idx, targets=...) never builds the full logits (exact: see the tests)
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -181,17 +282,32 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, pos=None):
-        """idx: (B, T) token ids -> logits (B, T, vocab). pos: (T,) positions, only with a KV cache."""
+    def forward(self, idx, pos=None, targets=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab). pos: (T,) positions, only with a KV cache. With targets
+        (B, T) instead: the fp32 cross-entropy summed over the targets that are not IGNORE_INDEX (nanoGPT's way)."""
         T = idx.size(1)
         cos, sin = (self.rope_cos[:T], self.rope_sin[:T]) if pos is None else (self.rope_cos[pos], self.rope_sin[pos])
         x = self.model.embed_tokens(idx)
+        ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        offload = ActivationOffload(x.device) if ckpt and self.offload_activations and x.is_cuda else None
         for layer in self.model.layers:
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            if ckpt:
+                with offload.block(x) if offload else nullcontext():
+                    x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, pos)
-        return self.lm_head(self.model.norm(x))
+        h = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(h)
+        if not self.chunked_loss:
+            return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        if not isinstance(self.lm_head, nn.Linear) or self.lm_head.bias is not None:  # it reads the weight itself
+            raise ValueError(f"the chunked loss needs a bias-free nn.Linear head, not {self.lm_head}; "
+                             "set model.chunked_loss = False")
+        chunk = max(1, CE_CHUNK_ELEMENTS // self.lm_head.out_features)
+        return ChunkedCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk,
+                                         torch.is_grad_enabled())
 
     def setup_cache(self, batch, max_len, dtype=None):
         for layer in self.model.layers:

@@ -105,12 +105,13 @@ class Quantized4bit:
     def numel(self):
         return math.prod(self.shape)
 
-    def nbytes(self):
-        """Bytes stored: the 4-bit codes, the per-block constants, and the per-tensor tables (code maps, offset)."""
+    def nbytes(self, size=lambda t: t.nbytes):
+        """Bytes stored: the 4-bit codes, the per-block constants, and the per-tensor tables (code maps, offset).
+        size=local_bytes counts only this process's shards of FSDP-sharded tensors."""
         nested = self.nested_absmax is not None
-        return dict(weight=self.packed.nbytes,
-                    constants=self.absmax.nbytes + (self.nested_absmax.nbytes if nested else 0),
-                    tables=self.code.nbytes + (self.nested_code.nbytes + 4 if nested else 0))
+        return dict(weight=size(self.packed),
+                    constants=size(self.absmax) + (size(self.nested_absmax) if nested else 0),
+                    tables=size(self.code) + (size(self.nested_code) + 4 if nested else 0))
 
 
 def double_quantize(absmax, blocksize=256):
@@ -255,14 +256,26 @@ class Matmul4bit(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
+def _frozen(t):
+    """The frozen base's tensors (packed bytes, absmax, code tables, or the 16-bit baseline's dense weight) are
+    nn.Parameters with requires_grad=False, not buffers, because FSDP2 (torch.distributed.fsdp.fully_shard, train.py
+    --fsdp) shards parameters only: as frozen parameters they are split along dim 0 across ranks, all-gathered whole
+    (FSDP2 gathers a block's mixed uint8 / fp32 parameters as bytes) just before the block's forward and the
+    checkpointed recompute, and never reduce-scattered, as they have no gradient. The forward only ever sees the
+    gathered, whole tensors, so dequantization is unchanged. The alternative, one flat byte buffer per module
+    registered as a parameter, would hide bitsandbytes' names and shapes behind views for nothing in return."""
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
 class LoRALinear4bit(nn.Module):
     """y = x W^T + (alpha / r) * B A dropout(x), with W frozen in 4 bits and A: (r, in), B: (out, r) trainable.
 
-    W lives in buffers (so it is frozen by construction, and moves with .to(device)) under bitsandbytes' names:
-    the state dict holds `weight` (packed), `weight.absmax`, `weight.quant_map`, ... exactly as transformers saves
-    a Linear4bit, and `lora_A.weight`, `lora_B.weight` as PEFT names them. B = 0 at init, so training starts from
-    the base model. compute_dtype None: bf16 on CUDA, fp32 elsewhere. quant_type "none" is the paper's 16-bit LoRA
-    baseline: `weight` stays the dense (out, in) frozen weight in the model's dtype, multiplied by F.linear."""
+    W lives in frozen parameters (requires_grad=False: no optimizer or clipping sees them; _frozen says why not
+    buffers) under bitsandbytes' names: the state dict holds `weight` (packed), `weight.absmax`, `weight.quant_map`,
+    ... exactly as transformers saves a Linear4bit, and `lora_A.weight`, `lora_B.weight` as PEFT names them. B = 0
+    at init, so training starts from the base model. compute_dtype None: bf16 on CUDA, fp32 elsewhere. quant_type
+    "none" is the paper's 16-bit LoRA baseline: `weight` stays the dense (out, in) frozen weight in the model's dtype,
+    multiplied by F.linear."""
 
     def __init__(self, in_features, out_features, r=64, alpha=16, dropout=0.1, quant_type="nf4", blocksize=64,
                  double_quant=True, compute_dtype=None, device=None, lora_device=None):
@@ -272,13 +285,12 @@ class LoRALinear4bit(nn.Module):
         # placeholders with bitsandbytes' shapes (on the meta device: no memory), filled by quantize_ or a checkpoint
         n, q = in_features * out_features, quant_type != "none"
         nb, dq = -(-n // blocksize), q and double_quant
-        self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device) if q else
-                             torch.empty(out_features, in_features, device=device))
-        self.register_buffer("absmax", torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device=device)
-                             if q else None)
-        self.register_buffer("quant_map", torch.empty(16, device=device) if q else None)
-        self.register_buffer("nested_absmax", torch.empty(-(-nb // 256), device=device) if dq else None)
-        self.register_buffer("nested_quant_map", torch.empty(256, device=device) if dq else None)
+        self.weight = _frozen(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device) if q else
+                              torch.empty(out_features, in_features, device=device))
+        self.absmax = _frozen(torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device=device) if q else None)
+        self.quant_map = _frozen(torch.empty(16, device=device) if q else None)
+        self.nested_absmax = _frozen(torch.empty(-(-nb // 256), device=device) if dq else None)
+        self.nested_quant_map = _frozen(torch.empty(256, device=device) if dq else None)
         self.offset, self.nested_blocksize, self.weight_dtype = 0.0, 256, torch.float32
         self._parts = {}  # bitsandbytes pieces of a pre-quantized checkpoint, until all have arrived
         self.set_lora(r, alpha, dropout, device=lora_device or device)
@@ -295,16 +307,33 @@ class LoRALinear4bit(nn.Module):
 
     def set_quantized(self, q):
         assert q.shape == (self.out_features, self.in_features), f"weight {list(q.shape)} for a {self}"
-        self.weight, self.absmax, self.quant_map = q.packed, q.absmax, q.code
-        self.nested_absmax, self.nested_quant_map = q.nested_absmax, q.nested_code
+        for name, t in (("weight", q.packed), ("absmax", q.absmax), ("quant_map", q.code),
+                        ("nested_absmax", q.nested_absmax), ("nested_quant_map", q.nested_code)):
+            self._store(name, t)
         self.quant_type, self.blocksize, self.double_quant = q.quant_type, q.blocksize, q.nested_absmax is not None
         self.offset, self.nested_blocksize, self.weight_dtype = q.offset, q.nested_blocksize, q.dtype
 
+    def _store(self, name, t):
+        """Keep t as the frozen parameter `name`. One that FSDP sharded before the weights arrived (train.py --fsdp
+        with a checkpoint: a DTensor, known by its device_mesh) keeps only this rank's rows of t: every rank
+        quantizes the same whole tensor as it streams in, and each keeps its own part."""
+        old = getattr(self, name)
+        if t is None or not hasattr(old, "device_mesh"):
+            setattr(self, name, _frozen(t))
+            return
+        from torch.distributed.tensor import distribute_tensor  # only under FSDP: torch.distributed is optional
+        assert old.shape == t.shape and old.dtype == t.dtype, f"{name}: {t.dtype} {list(t.shape)} for {old.dtype} " \
+            f"{list(old.shape)}"
+        with torch.no_grad():  # src_data_rank=None: every rank has t, so each cuts its rows without communication
+            old.to_local().copy_(distribute_tensor(t.to(old.device), old.device_mesh, old.placements,
+                                                   src_data_rank=None).to_local())
+
     def quantize_(self, w):
-        """Quantize a (out, in) float weight into this module's buffers (quant_type "none": keep it as it is)."""
+        """Quantize a (out, in) float weight into this module's frozen parameters (quant_type "none": keep it)."""
         if self.quant_type == "none":
             assert w.shape == (self.out_features, self.in_features), f"weight {list(w.shape)} for a {self}"
-            self.weight, self.weight_dtype = w.detach().clone(), w.dtype  # own it: w may view a mapped file
+            self._store("weight", w.detach().clone())  # own it: w may view a mapped file
+            self.weight_dtype = w.dtype
             return
         self.set_quantized(quantize(w, self.quant_type, self.blocksize, self.double_quant))
 
@@ -341,7 +370,8 @@ class LoRALinear4bit(nn.Module):
         if self.quant_type == "none":  # a plain `weight`, as nn.Linear saves it
             destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
             return
-        destination.update({prefix + k: v for k, v in to_bnb(self.quantized()).items()})  # lora_*: submodules
+        destination.update({prefix + k: v if keep_vars else v.detach()  # lora_*: submodules
+                            for k, v in to_bnb(self.quantized()).items()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         ours = {k[len(prefix):]: v for k, v in state_dict.items()
@@ -370,7 +400,7 @@ def add_lora(model, targets=LINEARS, r=64, alpha=16, dropout=0.1, quant_type="nf
     """Swap, in place, every linear of the blocks (the paper quantizes them all; the embeddings, norms and output
     head stay unquantized) for a LoRALinear4bit, with an adapter on those named in `targets` (default or "all":
     every one, as the paper; or e.g. "q_proj,v_proj"), and freeze everything else. A linear with weights is
-    quantized now; on the meta device the buffers wait for the loader (quantize_hook)."""
+    quantized now; on the meta device the frozen parameters wait for the loader (quantize_hook)."""
     if isinstance(targets, str):
         targets = LINEARS if targets == "all" else tuple(targets.split(","))
     assert set(targets) <= set(LINEARS), f"targets {targets} must be among {LINEARS}"
@@ -494,22 +524,31 @@ def save_quantized(model, out_dir, tokenizer=None):
         shutil.copy(tokenizer, Path(out_dir) / "tokenizer.model")
 
 
-def save_adapter(model, out_dir, base_model_name_or_path=None):
-    """adapter_model.safetensors + adapter_config.json, as PEFT writes them (PeftModel.from_pretrained loads it)."""
+def save_adapter(model, out_dir, base_model_name_or_path=None, write=True):
+    """adapter_model.safetensors + adapter_config.json, as PEFT writes them (PeftModel.from_pretrained loads it).
+    Under FSDP each LoRA weight is all-gathered whole from the ranks' shards, a collective: every rank calls this,
+    and only the one with write=True writes."""
     mods = {n: m for n, m in linears_4bit(model).items() if m.r}
     settings = {(m.r, m.alpha, m.dropout.p) for m in mods.values()}
     assert len(settings) == 1, f"PEFT's format wants one (r, alpha, dropout) for all modules, got {settings}"
     r, alpha, p = settings.pop()
+    tensors = {f"base_model.model.{n}.lora_{ab}.weight": whole(getattr(m, f"lora_{ab}").weight.detach())
+               for n, m in mods.items() for ab in "AB"}
+    if not write:
+        return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach()
-               for n, m in mods.items() for ab in "AB"}
     save_safetensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=p,
                   target_modules=sorted({n.rsplit(".", 1)[-1] for n in mods}), bias="none",
                   base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=False, inference_mode=True,
                   init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def whole(t):
+    """The whole tensor: a DTensor (FSDP-sharded, known by its full_tensor) is all-gathered, anything else is as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def load_adapter(model, path):
@@ -602,25 +641,34 @@ def merge(model, out_dir, original=None, probe=32):
 # memory account
 
 
+def local_bytes(t):
+    """Bytes this process stores of t: under FSDP (a DTensor, known by its to_local) only its own shard."""
+    return t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes
+
+
 def memory_account(model):
     """Bytes of a model by kind: the 4-bit codes, their per-block constants (absmax, nested absmax), per-tensor
     tables (the code maps, offset), unquantized parameters (embeddings, norms, head), LoRA parameters, and other
-    buffers (rope). Bits per quantized parameter count codes + per-block constants, as the paper does:
-    4 + 32/64 = 4.5, or with double quantization 4 + 8/64 + 32/(64*256) = 4.127."""
+    buffers (rope), as this process stores them (its shards, under FSDP). Bits per quantized parameter count codes
+    + per-block constants of the whole tensors, as the paper does: 4 + 32/64 = 4.5, or with double quantization
+    4 + 8/64 + 32/(64*256) = 4.127."""
     a = dict(quantized_bytes=0, constant_bytes=0, table_bytes=0, unquantized_bytes=0, lora_bytes=0, buffer_bytes=0)
-    mods, n = linears_4bit(model), 0
+    mods, n, bits = linears_4bit(model), 0, 0
     for m in mods.values():
         if m.quant_type == "none":  # the 16-bit baseline's dense weight
-            a["unquantized_bytes"] += m.weight.nbytes
+            a["unquantized_bytes"] += local_bytes(m.weight)
             continue
-        b = m.quantized().nbytes()
+        q = m.quantized()
+        b, whole = q.nbytes(local_bytes), q.nbytes()
         a["quantized_bytes"] += b["weight"]
         a["constant_bytes"] += b["constants"]
         a["table_bytes"] += b["tables"]
+        bits += 8 * (whole["weight"] + whole["constants"])
         n += m.in_features * m.out_features
     for name, p in model.named_parameters():  # tied weights are counted once
-        a["lora_bytes" if ".lora_" in name else "unquantized_bytes"] += p.nbytes
+        if name.rsplit(".", 1)[0] not in mods:  # the frozen base's own parameters are counted above
+            a["lora_bytes" if ".lora_" in name else "unquantized_bytes"] += local_bytes(p)
     a["buffer_bytes"] = sum(b.nbytes for k, b in model.named_buffers() if k.rsplit(".", 1)[0] not in mods)
     a["total_bytes"] = sum(a.values())
-    a["n_quantized"], a["bits_per_param"] = n, 8 * (a["quantized_bytes"] + a["constant_bytes"]) / max(n, 1)
+    a["n_quantized"], a["bits_per_param"] = n, bits / max(n, 1)
     return a

@@ -119,7 +119,8 @@ def _assert_grads_equal_fp32_lora(lin, W):
     torch.testing.assert_close(lin(x), y2, **tol)
     for a, b in ((x.grad, x2.grad), (lin.lora_A.weight.grad, A.grad), (lin.lora_B.weight.grad, B.grad)):
         torch.testing.assert_close(a, b, **tol)
-    assert all(b.grad is None and not b.requires_grad for b in lin.buffers())
+    frozen = [p for n, p in lin.named_parameters() if not n.startswith("lora_")]  # the 4-bit base, as parameters
+    assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
 
 
 def test_gradients_equal_fp32_lora_over_dequantized_weight():

@@ -3,17 +3,20 @@ Benchmarks, and the QLoRA paper's claims reproduced at small scale. Each section
 writes them, under a header (date, commit, machine, package versions), into its own part of bench/RESULTS.md.
 
   python bench.py                    # every section this device can run (CPU: under 10 minutes on 2 cores)
-  python bench.py --section=step     # one of quant | dequant | step | scale | paper; the file's others are kept
+  python bench.py --section=step     # one of quant | dequant | step | scale | paper | compile; others are kept
   python bench.py --paper            # the reproductions only (= --section=paper)
   python bench.py --quick --out=/tmp/r.md    # tiny shapes and runs, seconds (the smoke test)
 
   quant    NF4 + double quantization at LLaMA-7B's layer shapes: quantize / dequantize time, ours against bitsandbytes
   dequant  dequantization throughput against the device's copy bandwidth; on CUDA the fused 4-bit matmul against
-           dequantize + matmul over 1..8192 tokens, and where they cross (kernels.FUSED_MAX_TOKENS)
+           dequantize + matmul over 1..8192 tokens, forward and backward, and where they cross
+           (kernels.FUSED_MAX_TOKENS)
   step     a training step of a ~60M LLaMA (LoRA r=16 on all linears, batch 4 x 256): ours against transformers +
            peft + bitsandbytes, LoRA over unquantized weights, PagedAdamW against AdamW; each in its own process
   scale    CUDA only: LLaMA-7B and 65B shapes, random weights quantized on the GPU: peak memory, tokens/s
   paper    Table 2 (perplexity by 4-bit data type) on a real pretrained model; QLoRA against 16-bit LoRA (train.py)
+  compile  only when asked: every Triton kernel specialization compiled for sm_80 and sm_90 without a GPU
+           (bench/compile.py): registers, spills, shared memory
 The peers (transformers, peft, bitsandbytes) are optional: where one is missing, its rows say so, never a number.
 """
 import argparse
@@ -40,17 +43,19 @@ import torch.nn.functional as F
 import kernels
 import model as M
 import qlora as Q
-from paged_adamw import PagedAdamW
+from paged_adamw import PagedAdamW, PagedAdamW8bit
 from train import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / "shared" / "assets"  # real test assets beside the repo (see tests/conftest.py)
-SECTIONS = ("quant", "dequant", "step", "scale", "paper")
+SECTIONS = ("quant", "dequant", "step", "scale", "paper", "compile")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # compile (16-30 minutes on 2 cores) runs only when asked for
 TITLES = dict(quant="1. Quantization: NF4 + double quantization, LLaMA-7B layer shapes",
               dequant="Dequantization throughput", step="2. Training step: ~60M LLaMA, LoRA r=16, NF4 + DQ",
-              scale="3. Memory at scale", paper="Reproduction (`--paper`)")
+              scale="3. Memory at scale", paper="Reproduction (`--paper`)",
+              compile="The Triton kernels compiled for sm_80 and sm_90, without a GPU (`--section=compile`)")
 SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): attention; gate and up; down
-STEP_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=256)  # 60.1M parameters
+STEP_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=512)  # 60.1M parameters
 PEERS = ("transformers", "peft", "bitsandbytes")
 
 # -----------------------------------------------------------------------------
@@ -221,40 +226,52 @@ def bench_dequant(device, a, out):
     if device.type != "cuda":
         say(out, "\nFused 4-bit matmul against dequantize + matmul: skipped: needs CUDA (the Triton kernel).")
         return
-    saved, rows, best = kernels.FUSED_MAX_TOKENS, [], []
+    saved, rows, best = dict(kernels.FUSED_MAX_TOKENS), [], {"forward": [], "backward": []}
     try:
-        for N, K in shapes_for(a.quick):
+        for (N, K), (direction, transpose) in itertools.product(shapes_for(a.quick), (("forward", False),
+                                                                                      ("backward", True))):
             q = Q.quantize(torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02)
             state = (q.packed, q.absmax, q.code, 64, q.shape, q.nested_absmax, q.nested_code, q.offset)
             fused_wins_up_to, fused_on = 0, True
             for T in [2**i for i in range(14)]:  # 1 .. 8192 tokens
-                x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
+                x = torch.randn(T, N if transpose else K, device=device, dtype=torch.bfloat16)  # x, or grad_y
                 t = {}
                 for path, n in (("fused", 2**30), ("dequantize + matmul", 0))[0 if fused_on else 1:]:
-                    kernels.FUSED_MAX_TOKENS = n  # the dispatch's switch, swept
-                    t[path] = timeit(lambda: kernels.matmul_4bit(x, *state), device, reps=10, warmup=2)
+                    kernels.FUSED_MAX_TOKENS = {**saved, direction: n}  # the dispatch's switch, swept
+                    t[path] = timeit(lambda: kernels.matmul_4bit(x, *state, transpose=transpose), device, reps=10,
+                                     warmup=2)
                 if "fused" in t and t["fused"] < t["dequantize + matmul"]:
                     fused_wins_up_to = T
                 fused_on = "fused" in t and t["fused"] < 4 * t["dequantize + matmul"]  # far behind: it only loses more
-                rows.append([f"{N} x {K}", T, f"{t['fused'] * 1e6:.0f}" if "fused" in t else "-",
+                rows.append([f"{N} x {K}", direction, T, f"{t['fused'] * 1e6:.0f}" if "fused" in t else "-",
                              f"{t['dequantize + matmul'] * 1e6:.0f}"])
-            best.append(fused_wins_up_to)
+                print(" ", *rows[-1], flush=True)  # as measured: a run cut short still shows what it got
+            best[direction].append(fused_wins_up_to)
     finally:
         kernels.FUSED_MAX_TOKENS = saved
-    say(out, "\nkernels.matmul_4bit, x (T, in) bf16 @ W.T, median us:\n")
-    table(out, ["W (out x in)", "tokens T", "fused us", "dequantize + matmul us"], rows)
-    say(out, f"\nCrossover: the fused kernel wins up to {best} tokens per shape; kernels.FUSED_MAX_TOKENS is "
-        f"{saved}, the measurement suggests {min(best)}.")
+    say(out, "\nkernels.matmul_4bit, bf16, median us: forward x (T, in) @ W.T, backward grad_y (T, out) @ W:\n")
+    table(out, ["W (out x in)", "direction", "tokens T", "fused us", "dequantize + matmul us"], rows)
+    for direction, wins in best.items():
+        say(out, f"\nCrossover, {direction}: the fused kernel wins up to {wins} tokens per shape; "
+            f"kernels.FUSED_MAX_TOKENS['{direction}'] is {saved[direction]}, the measurement suggests {min(wins)}.")
 
 # -----------------------------------------------------------------------------
 # 2. a training step, each configuration in its own process (ru_maxrss is the peak of the whole process)
 
-# label, implementation, frozen base (nf4 | none), weights' and compute dtype (None: bf16 on CUDA, else fp32), optimizer
-STEP_CONFIGS = (("ours: NF4 + DQ", "ours", "nf4", None, "adamw"),
-                ("transformers + peft + bitsandbytes: NF4 + DQ", "peer", "nf4", None, "adamw"),
-                ("ours: LoRA on fp32 weights, no quantization", "ours", "none", "float32", "adamw"),
-                ("ours: LoRA on bf16 weights, no quantization", "ours", "none", "bfloat16", "adamw"),
-                ("ours: NF4 + DQ, PagedAdamW", "ours", "nf4", None, "paged"))
+# label, implementation, frozen base (nf4 | none), weights' and compute dtype (None: bf16 on CUDA, else fp32),
+# optimizer, loss (full: F.cross_entropy on the whole logits, as the peers compute it | chunked:
+# model.ChunkedCrossEntropy), batch
+STEP_CONFIGS = (("ours: NF4 + DQ", "ours", "nf4", None, "adamw", "full", "4x256"),
+                ("transformers + peft + bitsandbytes: NF4 + DQ", "peer", "nf4", None, "adamw", "full", "4x256"),
+                ("ours: LoRA on fp32 weights, no quantization", "ours", "none", "float32", "adamw", "full", "4x256"),
+                ("ours: LoRA on bf16 weights, no quantization", "ours", "none", "bfloat16", "adamw", "full", "4x256"),
+                ("ours: NF4 + DQ, PagedAdamW", "ours", "nf4", None, "paged", "full", "4x256"),
+                ("ours: NF4 + DQ, PagedAdamW8bit", "ours", "nf4", None, "paged8", "full", "4x256"),
+                ("ours: NF4 + DQ, chunked loss", "ours", "nf4", None, "adamw", "chunked", "4x256"),
+                ("ours: NF4 + DQ, batch 16 x 512", "ours", "nf4", None, "adamw", "full", "16x512"),
+                ("ours: NF4 + DQ, batch 16 x 512, chunked loss", "ours", "nf4", None, "adamw", "chunked", "16x512"))
+STEP_BATCHES = {"4x256": (4, 256), "16x512": (16, 512)}
+QUICK_BATCHES = {"4x256": (2, 32), "16x512": (4, 64)}
 
 
 def step_child(a, device):
@@ -263,13 +280,16 @@ def step_child(a, device):
     if device.type == "cpu":  # as train.py runs on CPU, for every row alike (peers too): see keep_freed_memory
         keep_freed_memory()
     dtype = getattr(torch, a.dtype)
-    B, T = (2, 32) if a.quick else (4, 256)
+    B, T = (QUICK_BATCHES if a.quick else STEP_BATCHES)[a.batch]
     ids = torch.randint(0, M.load_args(a.ckpt).vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)  # the same batch in every process
     if a.impl == "ours":
         model = Q.load_quantized(a.ckpt, device, dtype, r=16, alpha=16, dropout=0.0, quant_type=a.quant,
                                  double_quant=True, compute_dtype=dtype)
         forward = lambda: model(x)
+        if a.loss == "chunked":  # the same mean loss, the head and the loss a chunk of tokens at a time
+            forward = None
+            loss_fn = lambda: model(x, targets=y) / y.numel()
     else:
         transformers, peft = importlib.import_module("transformers"), importlib.import_module("peft")
         bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -281,11 +301,11 @@ def step_child(a, device):
                                                           target_modules=list(Q.LINEARS)))  # prepare_... not needed
         forward = lambda: model(input_ids=x, use_cache=False).logits
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (PagedAdamW if a.optimizer == "paged" else torch.optim.AdamW)(params, lr=1e-4)
+    opt = dict(paged=PagedAdamW, paged8=PagedAdamW8bit, adamw=torch.optim.AdamW)[a.optimizer](params, lr=1e-4)
     losses = []
 
     def step():  # the loss over all tokens, as train.py computes it
-        loss = F.cross_entropy(forward().flatten(0, 1).float(), y.flatten())
+        loss = F.cross_entropy(forward().flatten(0, 1).float(), y.flatten()) if forward else loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -316,7 +336,8 @@ def bench_step(device, a, out):
     have_peers = all([peer(p, out) is not None for p in PEERS])  # (a list: say every missing one)
     compute = "bfloat16" if device.type == "cuda" else "float32"
     args = M.ModelArgs(**(dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000) if a.quick else STEP_MODEL))
-    (B, T), steps, res = ((2, 32) if a.quick else (4, 256)), (2 if a.quick else 4), {}
+    batches = QUICK_BATCHES if a.quick else STEP_BATCHES
+    (B, T), steps, res = batches["4x256"], (2 if a.quick else 4), {}
     rounds = 1 if a.quick or device.type == "cuda" else 2  # a shared CPU's speed drifts; a GPU's much less
     with tempfile.TemporaryDirectory() as ckpt:
         torch.manual_seed(0)  # the random model every row loads, saved as a Hugging Face checkpoint
@@ -325,12 +346,13 @@ def bench_step(device, a, out):
         (Path(ckpt) / "config.json").write_text(json.dumps(Q.hf_config(args, torch.float32)))
         n_params = sum(p.numel() for p in dense.parameters())
         del dense
-        for rnd, (label, impl, quant, dtype, opt) in itertools.product(range(rounds), STEP_CONFIGS):
+        for rnd, (label, impl, quant, dtype, opt, loss, batch) in itertools.product(range(rounds), STEP_CONFIGS):
             if impl == "peer" and not have_peers:  # rounds interleave the rows, so a slow spell of the machine
                 continue  # falls on every row rather than on one
             cmd = [sys.executable, str(ROOT / "bench.py"), f"--impl={impl}", f"--quant={quant}", f"--ckpt={ckpt}",
                    f"--dtype={dtype or compute}", f"--optimizer={opt}", f"--steps={steps}", f"--threads={a.threads}",
-                   *["--quick"] * a.quick, *["--profile"] * (quant == "nf4" and opt == "adamw" and rnd == 0)]
+                   f"--loss={loss}", f"--batch={batch}", *["--quick"] * a.quick,
+                   *["--profile"] * (label in (STEP_CONFIGS[0][0], STEP_CONFIGS[1][0]) and rnd == 0)]
             p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if p.returncode:
                 raise RuntimeError(f"step section, {label}: the child process failed:\n{p.stderr[-3000:]}")
@@ -339,12 +361,13 @@ def bench_step(device, a, out):
                 r = {**res[label], "times": res[label]["times"] + r["times"],
                      **{k: max(res[label][k], r[k]) for k in r if k.endswith("_mib")}}
             res[label] = {**r, "median_s": statistics.median(r["times"]), "min_s": min(r["times"]),
-                          "max_s": max(r["times"])}
+                          "max_s": max(r["times"]), "tokens": math.prod(batches[batch])}
             print(f"  round {rnd + 1}, {label}: {statistics.median(r['times']):.3f} s/step", flush=True)
     say(out, f"LLaMA dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab_size} "
         f"({n_params / 1e6:.1f}M parameters, random init, one checkpoint loaded by every row); batch {B} x {T} tokens "
-        "(seeded, the same in every row), loss over all tokens; LoRA r=16, alpha 16, dropout 0 on all 7 linears of "
-        f"every block; AdamW lr 1e-4; compute {compute}. Each row runs in its own process, "
+        "unless the row says otherwise (seeded, the same in every row), loss over all tokens; LoRA r=16, alpha 16, "
+        f"dropout 0 on all 7 linears of every block; AdamW lr 1e-4; compute {compute}. Each row runs in its own "
+        "process, "
         f"{'once' if rounds == 1 else f'{rounds} times, the rows interleaved'}; the median of all {steps * rounds} "
         "timed steps (each run after 2 warm-up steps), peaks the largest of the runs"
         + (". On CPU every row (peers too) runs with glibc's malloc keeping freed buffers, as train.py sets it "
@@ -352,13 +375,20 @@ def bench_step(device, a, out):
     mem = ("alloc_mib", "reserved_mib") if device.type == "cuda" else ("peak_rss_mib", "loaded_rss_mib")
     table(out, ["configuration", "step s (min-max)", "tokens/s", *(["peak allocated MiB", "peak reserved MiB"] if
                 device.type == "cuda" else ["peak RSS MiB", "RSS after loading MiB"]), "loss at step 1", "LoRA params"],
-          [[k, f"{sig(r['median_s'])} ({sig(r['min_s'])}-{sig(r['max_s'])})", sig(B * T / r['median_s']),
+          [[k, f"{sig(r['median_s'])} ({sig(r['min_s'])}-{sig(r['max_s'])})", sig(r['tokens'] / r['median_s']),
             *[f"{r[m]:,.0f}" for m in mem], f"{r['loss1']:.4f}", f"{r['trainable']:,}"] for k, r in res.items()])
-    (ours, them, fp32, _, paged), peak = [res.get(c[0]) for c in STEP_CONFIGS], mem[0]
+    (ours, them, fp32, _, paged, paged8, chunked, big, big_chunked), peak = [res.get(c[0]) for c in STEP_CONFIGS], \
+        mem[0]
     say(out, f"\nThe cost of dequantization: ours NF4 + DQ takes {ours['median_s'] / fp32['median_s']:.2f}x the step "
         f"time of the same LoRA over fp32 weights, in {ours[peak] / fp32[peak]:.2f}x the peak memory.")
     say(out, f"PagedAdamW against torch.optim.AdamW (ours, NF4 + DQ): {paged['median_s'] / ours['median_s']:.2f}x the "
         "step time" + ("." if device.type == "cuda" else " (on CPU PagedAdamW takes its exact CPU path: no paging)."))
+    say(out, f"PagedAdamW8bit against PagedAdamW: {paged8['median_s'] / paged['median_s']:.2f}x the step time, peak "
+        f"{paged[peak]:,.0f} -> {paged8[peak]:,.0f} MiB (its states: 2.03 bytes a LoRA parameter instead of 8).")
+    say(out, "The chunked loss (ours, NF4 + DQ; the full logits never exist): peak " + "; ".join(
+        f"{f[peak]:,.0f} -> {c[peak]:,.0f} MiB ({c[peak] / f[peak] - 1:+.0%}) at {n}, "
+        f"{c['median_s'] / f['median_s']:.2f}x the step time"
+        for f, c, n in ((ours, chunked, "%d x %d" % (B, T)), (big, big_chunked, "%d x %d" % batches["16x512"]))) + ".")
     if them is None:
         return say(out, "transformers + peft + bitsandbytes: skipped (not installed), so no ratio against them.")
     tr, mr = ours["median_s"] / them["median_s"], ours[peak] / them[peak]
@@ -518,7 +548,14 @@ def bench_paper(device, a, out):
         f"{batch}, lr {c.lr}, LoRA r {c.lora_r} on all linears)\n")
     rows, stories = [], ASSETS / "stories260K"
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("data/sample, tiny preset, random frozen base", [])]
+        runs = [("data/sample, tiny preset, random frozen base", ["--init_from=random"])]
+        base16 = ROOT / "out" / "base16"  # the bundled pretrained base's fp32 weights: quantized on load for QLoRA
+        if (base16 / "config.json").exists():
+            runs.append(("data/sample, the bundled pretrained base (data/sample/pretrain.py)",
+                         [f"--init_from={base16}"]))
+        else:
+            say(out, f"skipped: {base16} not present (python data/sample/pretrain.py --out_dir=out/base-nf4 "
+                "--out16=out/base16 writes it): no run on the bundled pretrained base")
         if stories.exists():  # the sample's conversations tokenized for stories260K, prepared by data/oasst1
             from data.oasst1.prepare import prepare
             prepare(input_path=ROOT / "data" / "sample" / "sample.trees.jsonl", out_dir=Path(tmp) / "data",
@@ -537,11 +574,33 @@ def bench_paper(device, a, out):
         "Table 3, Fig. 3): 4-bit QLoRA with NF4 + DQ matches 16-bit LoRA.")
 
 # -----------------------------------------------------------------------------
+# the Triton kernels compiled for GPUs, on any machine
+
+
+def bench_compile(device, a, out):
+    """bench/compile.py in its own process (compiled mode, never the interpreter; fresh Triton caches): every
+    specialization (--quick: the CI subset) for sm_80 and sm_90, its lines printed as they come, its summary kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "compile.py"), *["--quick"] * a.quick], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    if p.wait() not in (0, 1) or not any(l.startswith("| target") for l in lines):  # 1: it found problems
+        raise RuntimeError(f"bench/compile.py failed (exit {p.returncode}):\n" + "\n".join(lines[-30:]))
+    first = next(i for i, l in enumerate(lines) if l.startswith("| target"))
+    say(out, f"`python bench/compile.py{' --quick' * a.quick}`: {lines[0]}. Registers per thread (ptxas), bytes "
+        "spilled to local memory, dynamic shared memory per block (limits: 163 KiB on sm_80, 227 KiB on sm_90).\n")
+    for line in lines[first:]:
+        say(out, line)
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="qlora benchmarks; see the docstring of bench.py")
-    ap.add_argument("--section", choices=SECTIONS, help="run only this section (default: all)")
+    ap.add_argument("--section", choices=SECTIONS, help="run only this section (default: all but compile)")
     ap.add_argument("--paper", action="store_true", help="the reproductions only: the same as --section=paper")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and runs: checks that it works, in seconds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="the results file")
@@ -552,7 +611,9 @@ def main(argv=None):
     ap.add_argument("--impl", choices=("ours", "peer"))
     ap.add_argument("--quant", choices=("nf4", "none"), default="nf4")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--optimizer", choices=("adamw", "paged"), default="adamw")
+    ap.add_argument("--optimizer", choices=("adamw", "paged", "paged8"), default="adamw")
+    ap.add_argument("--loss", choices=("full", "chunked"), default="full")
+    ap.add_argument("--batch", choices=tuple(STEP_BATCHES), default="4x256")
     ap.add_argument("--ckpt")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
@@ -562,8 +623,9 @@ def main(argv=None):
     if a.impl:
         return step_child(a, device)
     torch.set_num_threads(a.threads)
-    run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, scale=bench_scale, paper=bench_paper)
-    for name in [a.section] if a.section else ["paper"] if a.paper else SECTIONS:
+    run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, scale=bench_scale, paper=bench_paper,
+               compile=bench_compile)
+    for name in [a.section] if a.section else ["paper"] if a.paper else DEFAULT_SECTIONS:
         print(f"\n== {TITLES[name]}", flush=True)
         out, t0 = [], time.time()
         head = header(device)

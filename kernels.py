@@ -459,7 +459,9 @@ def matmul_4bit(x, packed, absmax, code, blocksize, shape,
     if not _use_triton(x):
         return matmul_4bit_ref(x, *state, transpose=transpose)
     tokens = x.numel() // max(x.shape[-1], 1)
-    fused = x.dtype != torch.float32 and shape[1] % 2 == 0  # fp32: see matmul_4bit_triton
+    # fp32: see matmul_4bit_triton. Under torch.use_deterministic_algorithms (train.py --deterministic) the fused
+    # kernel is skipped: its autotuner may pick another tiling after a restart, so the sums would round differently
+    fused = x.dtype != torch.float32 and shape[1] % 2 == 0 and not torch.are_deterministic_algorithms_enabled()
     if fused and tokens <= FUSED_MAX_TOKENS["backward" if transpose else "forward"]:
         return matmul_4bit_triton(x, *state, transpose=transpose)
     N, K = shape

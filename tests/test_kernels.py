@@ -291,11 +291,14 @@ def test_matmul_backward_split_over_n(dtype, dq, M, N, K_, blocksize, monkeypatc
     assert splits >= 2, f"the reduction over N = {N} was not split: {splits} program(s) along it"
 
 
-def test_every_launch_runs_on_the_tensors_device(monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_every_launch_runs_on_the_tensors_device(monkeypatch, deterministic):
     # Triton launches on torch.cuda.current_device() and its stream, whatever device the pointers belong to.
     # Fake CUDA tensors on cuda:1 (shapes, no memory: this runs without a GPU) while cuda:0 is current; each
-    # launch records the current device instead of running. Without kernels.py's guard it reads 0.
+    # launch records the current device instead of running. Without kernels.py's guard it reads 0. Under
+    # torch.use_deterministic_algorithms (train.py --deterministic) the autotuned fused matmul is never launched.
     from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     current = [0]
 
     def exchange(idx):  # torch.cuda.device(i) enters with _exchange_device(i), leaves with _maybe_exchange_device
@@ -318,7 +321,8 @@ def test_every_launch_runs_on_the_tensors_device(monkeypatch):
         K.matmul_4bit(torch.empty(2, K_, dtype=torch.float32, device=dev), *state)  # fp32: dequantize + matmul
         K.matmul_4bit(torch.empty(512, K_, dtype=torch.bfloat16, device=dev), *state)  # many tokens: the same
     names = [n for n, _, _ in launches]
-    assert names == ["_quantize_4bit_kernel", "_dequantize_4bit_kernel", "_matmul_4bit_tuned", "_matmul_4bit_tuned",
+    fused = "_dequantize_4bit_kernel" if deterministic else "_matmul_4bit_tuned"
+    assert names == ["_quantize_4bit_kernel", "_dequantize_4bit_kernel", fused, fused,
                      "_dequantize_4bit_kernel", "_dequantize_4bit_kernel"], names
     assert [d for _, _, d in launches] == [1] * 6, "a launch ran on the current device, not the tensors'"
     assert current[0] == 0, "the guard must restore the current device"

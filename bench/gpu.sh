@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run of 6-8 minutes (sized for an H200 lent for 15 minutes):
 #   1. tests/test_kernels.py compiled on CUDA (bit-exact dequantize/quantize, bit-exact against bitsandbytes' CUDA
-#      path, the fused matmul with every autotune config) and the paged AdamW GPU tests (managed tensors, paged ==
-#      torch AdamW, the capped-allocator OOM that paging survives);
+#      path, the fused matmul with every autotune config), the paged AdamW GPU tests (managed tensors, paged ==
+#      torch AdamW, the capped-allocator OOM that paging survives) and tests/test_memory.py (offloaded activations
+#      equal on CUDA, 8-bit paged states);
 #   2. the default train.py run on CUDA for 100 steps (its measured peak memory is in the log);
 #   3. bench.py sections dequant (GB/s against the HBM copy bandwidth, the fused-vs-cuBLAS crossovers, forward and
 #      backward, that set kernels.FUSED_MAX_TOKENS), scale (7B and 65B shapes), step (against the peers) and quant.
@@ -41,18 +42,19 @@ run() {  # run LIMIT LOG CMD...: a part under its own time limit, its output app
     cp bench/RESULTS.md "$OUT/RESULTS.md"  # after every part: what was measured comes back even if a later one hangs
 }
 
-# Most important first; the limits add up to 7.9 minutes. Cold compiles dominate the first parts: one fused-matmul
+# Most important first; the limits add up to 8.0 minutes. Cold compiles dominate the first parts: one fused-matmul
 # autotune compiles every config of its list (bench/compile.py: 1-3 s each on a loaded host), so the parts that
 # autotune get the room. --maxfail, not -x: one failing test must not hide the GPU results of the others.
 # At most 8 files come back.
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # the kernel tests compile a few hundred Triton
 run 150 tests $PY -m pytest -q --maxfail=25 -p no:cacheprovider $xdist tests/test_kernels.py  # specializations
 run 35 tests $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_paged_adamw.py  # alone: caps GPU memory
+run 30 tests $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_memory.py  # offload + 8-bit on CUDA
 # the training loop on CUDA end to end: bf16 compute, Triton dequantize in every matmul, paged AdamW, checkpoints;
 # no held-out answers (--eval_answers=0): their greedy decoding would autotune the fused kernel cold before the
 # first step, and the measured peak memory, printed after the last step, must not wait on it
 run 40 train $PY train.py --max_steps=100 --eval_interval=50 --eval_answers=0 --out_dir=/tmp/qlora-gpu-run
-run 145 bench_dequant $PY bench.py --section=dequant  # autotunes 3 tile heights x 3 shapes x 2 directions
+run 125 bench_dequant $PY bench.py --section=dequant  # autotunes 3 tile heights x 3 shapes x 2 directions
 run 50 bench_scale $PY bench.py --section=scale
 run 40 bench_step $PY bench.py --section=step
 run 15 bench_quant $PY bench.py --section=quant

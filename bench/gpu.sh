@@ -56,6 +56,6 @@ run 30 tests $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_memory
 run 40 train $PY train.py --max_steps=100 --eval_interval=50 --eval_answers=0 --out_dir=/tmp/qlora-gpu-run
 run 125 bench_dequant $PY bench.py --section=dequant  # autotunes 3 tile heights x 3 shapes x 2 directions
 run 50 bench_scale $PY bench.py --section=scale
-run 40 bench_step $PY bench.py --section=step
+run 35 bench_step $PY bench.py --section=step
 run 15 bench_quant $PY bench.py --section=quant
 log "done"

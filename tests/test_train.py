@@ -137,9 +137,9 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = T.M.Transformer.forward
 
-    def poisoned(self, idx, pos=None):  # from the 7th training forward on, the model yields NaN
+    def poisoned(self, idx, pos=None, targets=None):  # from the 7th training forward on, the model yields NaN
         calls["n"] += self.training
-        out = forward(self, idx, pos)
+        out = forward(self, idx, pos, targets)
         return out * float("nan") if calls["n"] > 6 and self.training else out
     monkeypatch.setattr(T.M.Transformer, "forward", poisoned)
     monkeypatch.chdir(ROOT)

@@ -6,6 +6,7 @@ AdamW, one plain loop. Dettmers et al. 2023, arXiv 2305.14314; the loop follows 
   python train.py --model=7b --init_from=/path/to/llama-7b --data=oasst1   # the paper's Guanaco-7B recipe
   python train.py --model=65b --estimate                            # memory plan only, no weights needed
   torchrun --nproc_per_node=2 train.py ...                          # data parallel over the LoRA weights
+  torchrun --nproc_per_node=4 train.py --model=llama2-70b ... --fsdp=true   # the 4-bit base sharded over 4 GPUs
 """
 import ctypes
 import importlib
@@ -23,14 +24,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import model as M
 import qlora as Q
 from data.batching import IGNORE, collate, length_grouped_batches, load_split, packed_batches
 from data.oasst1.prepare import DataError, file_sha256
-from paged_adamw import PagedAdamW
+from paged_adamw import PagedAdamW, PagedAdamW8bit, state_bytes
 
 ROOT = Path(__file__).resolve().parent
 
@@ -39,7 +42,8 @@ ROOT = Path(__file__).resolve().parent
 class Config:
     # what to train (defaults: the CPU demo; LLaMA presets take the paper's recipe from RECIPE below)
     model: str = "tiny"            # preset in model.PRESETS
-    init_from: str = ""            # weights dir: HF, Meta or bitsandbytes-4bit; "" = random frozen base (tiny only)
+    init_from: str = ""            # weights dir: HF, Meta or bitsandbytes-4bit; "" = for tiny, data/sample/base (the
+                                   # bundled pretrained NF4 base, data/sample/pretrain.py); random: a random frozen one
     data: str = "sample"           # a folder under data/ with a prepare.py; prepared on first use
     out_dir: str = "out"           # checkpoints, the final adapter, the 4-bit base of a random-init run
     # the frozen base
@@ -54,13 +58,13 @@ class Config:
     lora_dtype: str = "auto"       # auto: the compute dtype (16-bit adapters on CUDA, as the paper) | float32
     target_modules: str = "all"    # all linear layers of the blocks (the paper), or e.g. "q_proj,v_proj"
     # optimization
-    max_steps: int = 1000
+    max_steps: int = 600
     batch_size: int = 64           # sequences per micro-batch
     grad_accum: int = 1            # micro-batches per optimizer step (per process)
-    lr: float = 1e-3
+    lr: float = 2e-3
     schedule: str = "constant"     # constant (the paper) | cosine, both after a linear warmup
     warmup_ratio: float = 0.03
-    optimizer: str = "paged_adamw"  # paged_adamw | adamw (torch's)
+    optimizer: str = "paged_adamw"  # paged_adamw | paged_adamw_8bit (8-bit moments, a quarter of the memory) | adamw
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -72,6 +76,8 @@ class Config:
                                    # tasks differ in length, so grouping would make one-task batches
     packing: bool = False          # concatenate conversations into full rows instead of padding
     grad_checkpoint: bool = False  # recompute each block in backward to save activation memory
+    offload_activations: bool = False  # with grad_checkpoint on CUDA: block inputs wait in pinned host memory
+    chunked_loss: bool = True      # the head + loss a chunk of tokens at a time: the full logits never exist
     # bookkeeping
     eval_interval: int = 100       # steps between validation losses (fixed batches)
     eval_batches: int = 4
@@ -85,6 +91,9 @@ class Config:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     deterministic: bool = False    # CUDA runs repeat bit for bit (resume included), a little slower; CPU always does
     estimate: bool = False         # print the memory plan and exit, without loading weights
+    fsdp: bool = False             # under torchrun: shard the 4-bit base, LoRA, gradients and AdamW states (FSDP2);
+                                   # false: data parallel (DDP), the whole model on every GPU
+    nproc: int = 1                 # --estimate --fsdp=true: the per-GPU plan for this many GPUs
 
 
 # the paper's Guanaco recipe (its Appendix B), for the LLaMA presets; 33b/65b use a lower lr and dropout
@@ -128,13 +137,20 @@ def parse_config(argv):
     M.get_args(cfg.model)  # an unknown preset lists the valid ones
     dtypes = ("auto", "float32", "bfloat16", "float16")
     for key, allowed in (("quant_type", ("nf4", "fp4", "int4", "none")), ("schedule", ("constant", "cosine")),
-                         ("optimizer", ("paged_adamw", "adamw")), ("train_on", ("assistant", "all")),
+                         ("optimizer", ("paged_adamw", "paged_adamw_8bit", "adamw")),
+                         ("train_on", ("assistant", "all")),
                          ("compute_dtype", dtypes), ("lora_dtype", dtypes)):
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
+    if cfg.offload_activations and not cfg.grad_checkpoint:
+        raise ConfigError("--offload_activations=true moves the block inputs that gradient checkpointing keeps: "
+                          "it needs --grad_checkpoint=true")
     for key, ok, allowed in CHECKS:  # settings that would train nothing, or crash deep inside
         if not ok(getattr(cfg, key)):
             raise ConfigError(f"--{key}={getattr(cfg, key)} is out of range: {allowed}")
+    if cfg.target_modules != "all" and not set(cfg.target_modules.split(",")) <= set(Q.LINEARS):
+        raise ConfigError(f"--target_modules takes all or a comma list of {','.join(Q.LINEARS)}, not "
+                          f"{cfg.target_modules!r}")
     check_device(cfg.device)
     return cfg
 
@@ -142,7 +158,7 @@ def parse_config(argv):
 # (setting, test, what it allows): every value outside these trains nothing or fails deep inside the run
 CHECKS = [(k, lambda v: v >= 1, "a whole number >= 1") for k in (
               "max_steps", "batch_size", "grad_accum", "lora_r", "max_seq_len", "eval_interval", "eval_batches",
-              "log_interval", "keep_ckpts")] + [
+              "log_interval", "keep_ckpts", "nproc")] + [
     (k, lambda v: v >= 0, "a whole number >= 0 (0: off)") for k in ("ckpt_interval", "eval_answers")] + [
     ("blocksize", lambda v: v in (32, 64, 128, 256, 512, 1024, 2048, 4096), "a power of two from 32 to 4096"),
     ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -165,7 +181,8 @@ def check_device(name):
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, not {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={name}: no CUDA GPU is available here (torch {torch.__version__}); use --device=cpu")
+        raise ConfigError(f"--device={name}: no CUDA GPU is available here (torch {torch.__version__}); "
+                          "use --device=cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
 
@@ -184,16 +201,29 @@ def get_lr(cfg, step):
 # model and data
 
 
+SAMPLE_BASE = ROOT / "data" / "sample" / "base"  # the tiny demo's pretrained NF4 base (data/sample/pretrain.py)
+
+
+def base_dir(cfg):
+    """The base model's folder: --init_from, the bundled pretrained base for the tiny demo, None for a random base."""
+    if cfg.init_from == "random":
+        return None
+    return Path(cfg.init_from) if cfg.init_from else SAMPLE_BASE
+
+
 def check_weights(cfg):
     """Before anything is loaded: is there a base model to train on?"""
-    if cfg.init_from and not Path(cfg.init_from).is_dir():
-        raise M.CheckpointError(
-            f"weights for --model={cfg.model} not found: {cfg.init_from} is not a directory. Put the weights there: a "
-            "Hugging Face folder (config.json + model.safetensors[.index.json] or pytorch_model.bin), a Meta folder "
-            "(params.json + consolidated.NN.pth) or a bitsandbytes 4-bit folder (*-bnb-4bit), with tokenizer.model")
-    if not cfg.init_from and cfg.model != "tiny":
+    if cfg.model != "tiny" and cfg.init_from in ("", "random"):
         raise ConfigError(f"--model={cfg.model} needs pretrained weights: pass --init_from=DIR (a Hugging Face, "
                           "Meta or bitsandbytes-4bit folder); only the tiny preset trains on a random base")
+    if (path := base_dir(cfg)) is not None and not path.is_dir():
+        raise M.CheckpointError(
+            f"weights for --model={cfg.model} not found: {path} is not a directory. Put the weights there: a "
+            "Hugging Face folder (config.json + model.safetensors[.index.json] or pytorch_model.bin), a Meta folder "
+            "(params.json + consolidated.NN.pth) or a bitsandbytes 4-bit folder (*-bnb-4bit), with tokenizer.model")
+    if path is not None and cfg.quant_type == "none" and (qc := Q.is_bnb_4bit(path)):
+        raise ConfigError(f"--quant_type=none is LoRA over 16/32-bit weights, but {path} is stored in 4 bits "
+                          f"({qc.get('bnb_4bit_quant_type')}): pass a 16/32-bit base with --init_from")
 
 
 def build_model(cfg, vocab_size, device, dtype, compute_dtype):
@@ -201,18 +231,65 @@ def build_model(cfg, vocab_size, device, dtype, compute_dtype):
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.target_modules,
                 quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
                 compute_dtype=compute_dtype)
-    if cfg.init_from:
-        path = Path(cfg.init_from)
-        model = Q.load_quantized(path, device=device, dtype=dtype, **lora)
+    if (path := base_dir(cfg)) is not None:
+        model = load_sharded(cfg, path, device, dtype, compute_dtype, lora) if cfg.fsdp else \
+            Q.load_quantized(path, device=device, dtype=dtype, **lora)
         if cfg.model != "tiny" and (want := M.get_args(cfg.model)).dim != model.args.dim:
             raise ConfigError(f"{path} holds a dim {model.args.dim} model, not {cfg.model} (dim {want.dim})")
     else:
         torch.manual_seed(cfg.seed)  # a random frozen base, reproducible from the seed
         model = M.Transformer(M.get_args("tiny", vocab_size=vocab_size)).to(device=device, dtype=dtype)
         Q.add_lora(model, **lora)
-    set_lora_dtype(model, cfg, compute_dtype)
+    if not isinstance(model, FSDPModule):  # (a sharded model got its dtype before it was sharded)
+        set_lora_dtype(model, cfg, compute_dtype)
     model.grad_checkpoint = cfg.grad_checkpoint
+    model.offload_activations, model.chunked_loss = cfg.offload_activations, cfg.chunked_loss
     return model
+
+
+def load_sharded(cfg, path, device, dtype, compute_dtype, lora):
+    """--fsdp with a checkpoint: the base is streamed into the shards, whole on no process. The model is built on
+    the meta device with its adapters (whole, initialized as a one-process run's), sharded (shard_model), given
+    memory for its shards only (to_empty), and the checkpoint streams in: every rank quantizes each linear weight as
+    it arrives, all alike, and keeps its own rows (LoRALinear4bit._store); the other tensors likewise. Per process:
+    the shards, the whole adapter, and one 16-bit tensor with its 4-bit form at a time; the checkpoint's files are
+    memory-mapped, so the ranks of one machine share their pages in the page cache."""
+    if (qc := Q.is_bnb_4bit(path)):  # a pre-quantized checkpoint: its type wins, as in Q.load_quantized
+        lora.update(quant_type=qc.get("bnb_4bit_quant_type", "fp4"), double_quant=qc.get("bnb_4bit_use_double_quant"))
+    with torch.device("meta"):
+        model = M.Transformer(M.load_args(path))
+    if model.args.tie_embeddings:  # one weight in two modules: shard_model leaves it whole to the root, but to_empty
+        return Q.load_quantized(path, device=device, dtype=dtype, **lora)  # would untie it: load whole, then shard
+    Q.add_lora(model, lora_device=device, **lora)
+    set_lora_dtype(model, cfg, compute_dtype)
+    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+    shard_model(model, device)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in adapter.items():
+            copy_rows(params[n], t)
+    quantize = Q.quantize_hook(model, device, dtype)
+
+    def hook(name, t):  # every tensor is stored here: 4-bit pieces by quantize_hook, the rest as this rank's rows
+        if (t := quantize(name, t)) is None:
+            return None
+        if name not in params:
+            raise M.CheckpointError(f"{path}: unknown key {name!r} (not a parameter of this model)")
+        if t.shape != params[name].shape:
+            raise M.CheckpointError(f"{path}: tensor {name!r} has shape {list(t.shape)}, the model expects "
+                                    f"{list(params[name].shape)}")
+        with torch.no_grad():
+            copy_rows(params[name], t.to(device=device, dtype=dtype))
+        return None
+    return M.load_weights(model, path, hook, device, dtype)
+
+
+def copy_rows(p, whole):
+    """Copy into the (FSDP-sharded) parameter p this rank's rows of the whole tensor, or all of it into a plain one."""
+    if isinstance(p, DTensor):
+        whole = distribute_tensor(whole.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+    local_shard(p).copy_(whole)
 
 
 def set_lora_dtype(model, cfg, compute_dtype):
@@ -225,12 +302,14 @@ def set_lora_dtype(model, cfg, compute_dtype):
 
 
 def get_data(cfg, tokenizer_path, device):
-    """data/<name>/prepared/<tokenizer hash>-<loss mode>/, prepared on first use; or --data=<path> of a folder that
-    data/*/prepare.py already wrote. Each tokenizer gets its own folder, written whole under a temporary name and
-    renamed, so preparing for another tokenizer never changes the files a running job has mapped."""
+    """data/<name>/prepared/<tokenizer hash>-<loss mode>-<prepare.py hash>/, prepared on first use; or --data=<path>
+    of a folder that data/*/prepare.py already wrote. Each tokenizer, loss mode and version of the preparing script
+    (its split, say) gets its own folder, written whole under a temporary name and renamed, so preparing another
+    never changes the files a running job has mapped, and a changed script never reads stale files."""
     want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=cfg.train_on)
-    if (ROOT / "data" / cfg.data / "prepare.py").exists():
-        folder = ROOT / "data" / cfg.data / "prepared" / f"{want['tokenizer_sha256'][:12]}-{cfg.train_on}"
+    if (script := ROOT / "data" / cfg.data / "prepare.py").exists():
+        key = f"{want['tokenizer_sha256'][:12]}-{cfg.train_on}-{file_sha256(script)[:8]}"
+        folder = script.parent / "prepared" / key
         if not (folder / "meta.json").exists():
             if is_main():  # one process prepares, the others wait for it
                 tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
@@ -295,47 +374,86 @@ def estimate_loss(model, batches, device):
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
-        logits = model(x.to(device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE,
-                                 reduction="sum").item()
+        total += model(x.to(device), targets=y.to(device)).item()  # summed over the trained tokens
         count += int((y != IGNORE).sum())
     model.train()
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def answer_accuracy(model, ds, n, device):
-    """Exact-match accuracy of greedy answers to the first n held-out prompts (first exchange of each)."""
+def answer_accuracy(model, ds, n, device, tok):
+    """Greedy answers to up to n held-out prompts per task (a task: the prompt's first word, e.g. "Reverse"), exact
+    match of answer + EOS on the first exchange: {task: (right, asked)}. Prompts of one length go as one batch."""
     model.eval()
-    correct = 0
-    examples = [ds.prompt_answer(i) for i in range(min(n, len(ds)))]
-    for prompt, answer in examples:
-        out = model.generate(torch.tensor([prompt], device=device), len(answer) + 2, eos_id=ds.eos_id)
-        correct += out[0, len(prompt):len(prompt) + len(answer) + 1].tolist() == answer + [ds.eos_id]
+    asked = {}
+    for i in range(len(ds)):
+        prompt, answer = ds.prompt_answer(i)
+        task = (tok.decode(prompt).removeprefix("### Human:").split() or [""])[0]
+        if len(asked.setdefault(task, [])) < n:
+            asked[task].append((prompt, answer))
+    by_len, right = {}, dict.fromkeys(asked, 0)
+    for task, examples in asked.items():
+        for prompt, answer in examples:
+            by_len.setdefault(len(prompt), []).append((task, prompt, answer))
+    for group in by_len.values():
+        for s in range(0, len(group), 64):
+            chunk = group[s:s + 64]
+            out = model.generate(torch.tensor([p for _, p, _ in chunk], device=device),
+                                 max(len(a) for _, _, a in chunk) + 2, eos_id=ds.eos_id).tolist()
+            for row, (task, prompt, answer) in zip(out, chunk):  # tokens after a row's EOS are ignored
+                right[task] += row[len(prompt):len(prompt) + len(answer) + 1] == answer + [ds.eos_id]
     model.train()
-    return correct / max(len(examples), 1)
+    return {task: (right[task], len(asked[task])) for task in asked}
+
+
+def overall_accuracy(acc):
+    """answer_accuracy's {task: (right, asked)} -> the fraction right over all the prompts asked."""
+    return sum(r for r, _ in acc.values()) / max(sum(n for _, n in acc.values()), 1)
 
 # -----------------------------------------------------------------------------
 # memory plan
 
 
-def memory_plan(cfg, model, batch, seq, compute_bytes):
-    """Bytes of everything a training step holds: the model's own account (4-bit weights, constants, 16-bit
-    parameters, LoRA) plus LoRA gradients, AdamW's two fp32 moments and an estimate of the activations."""
+def memory_plan(cfg, model, batch, seq, compute_bytes, cuda=True, nproc=1):
+    """Bytes of everything a training step holds on the device: the model's own account (4-bit weights, constants,
+    16-bit parameters, LoRA) plus LoRA gradients, AdamW's two fp32 moments and an estimate of the activations; then
+    one negative line per memory saving that is on, what it takes off those (so the lines still sum to the total).
+    Offloading saves only on CUDA (cuda=False: a CPU run, where it is a no-op). Per GPU: a sharded model (FSDP) is
+    counted by this rank's shards; nproc > 1 plans FSDP over nproc GPUs for a whole (meta) model."""
     a, args = Q.memory_account(model), model.args
     lora = [p for p in model.parameters() if p.requires_grad]
-    lora_numel = sum(p.numel() for p in lora)
+    numels = [Q.local_bytes(p) // p.element_size() for p in lora]  # under FSDP: this rank's rows
+    lora_numel = sum(numels)
+    sharded = any(isinstance(p, DTensor) for p in lora)
     tokens = batch * seq
     # per block, the tensors autograd keeps (elements per token): norms, q/k/v/attention/o (about 10 * dim),
     # the SwiGLU's gate, up, silu and product (4 * hidden), LoRA dropout copies of the 7 inputs when dropout > 0
     block = tokens * (10 * args.dim + 4 * args.hidden_dim + (6 * args.dim + args.hidden_dim) * (cfg.lora_dropout > 0))
     # with checkpointing only each block's input stays, and one block is rebuilt at a time in backward
-    acts = (tokens * args.dim * args.n_layers + block) if cfg.grad_checkpoint else block * args.n_layers
-    logits = tokens * args.vocab_size * (compute_bytes + 4 + 4)  # logits, fp32 copy for the loss, its gradient
+    inputs = tokens * args.dim * args.n_layers
+    acts = (inputs + block) if cfg.grad_checkpoint else block * args.n_layers
+    logit_bytes = args.vocab_size * (compute_bytes + 4 + 4)  # per token: logits, their fp32 copy, their gradient
     plan = {"4-bit base weights": a["quantized_bytes"], "quantization constants": a["constant_bytes"],
             "16-bit parameters (embeddings, norms, head)": a["unquantized_bytes"], "LoRA parameters": a["lora_bytes"],
-            "LoRA gradients": sum(p.nbytes for p in lora), "optimizer states (2 x fp32)": lora_numel * 8,
-            f"activations, estimated (batch {batch} x {seq})": acts * compute_bytes + logits}
+            # FSDP accumulates the gradients unsharded until the step's one reduce-scatter: whole when G > 1
+            "LoRA gradients": sum(p.nbytes if cfg.grad_accum > 1 else Q.local_bytes(p) for p in lora),
+            "optimizer states (2 x fp32)": lora_numel * 8,
+            f"activations, estimated (batch {batch} x {seq})": acts * compute_bytes + tokens * logit_bytes}
+    if cfg.optimizer == "paged_adamw_8bit":  # uint8 codes + an fp32 absmax per 256 (small tensors stay fp32)
+        plan["saved: 8-bit optimizer states"] = sum(state_bytes(n, bits=8) for n in numels) - lora_numel * 8
+    if cfg.chunked_loss:  # one chunk's logits at a time; the gradient of the head's input, made in forward, waits
+        chunk = min(tokens, max(1, M.CE_CHUNK_ELEMENTS // args.vocab_size))  # for backward
+        plan["saved: chunked loss"] = (chunk - tokens) * logit_bytes + tokens * args.dim * compute_bytes
+    if cfg.offload_activations and cfg.grad_checkpoint and cuda:  # two inputs on the GPU: one in use, one in flight
+        plan["saved: block inputs offloaded to host"] = -(inputs - 2 * tokens * args.dim) * compute_bytes
+    if nproc > 1:  # FSDP planned for a whole model: what is sharded is 1/nproc (rounded up), activations are not
+        shared = ["4-bit base weights", "quantization constants", "16-bit parameters (embeddings, norms, head)",
+                  "LoRA parameters", "optimizer states (2 x fp32)", "saved: 8-bit optimizer states"]
+        shared += ["LoRA gradients"] if cfg.grad_accum == 1 else []  # else they accumulate whole
+        plan.update({k: -(-plan[k] // nproc) for k in shared if k in plan})
+    if nproc > 1 or sharded:
+        root, units = fsdp_unit_bytes(model)  # the root all along, and a running unit with the prefetched next
+        plan["all-gathered, transient: head + 2 units"] = root + 2 * max(units)
     plan["total"] = sum(plan.values())
     return plan, a
 
@@ -346,8 +464,24 @@ def print_plan(plan, account):
         print(f"  {k:<48} {v / 2**20:>12,.1f} MiB")
 
 
+def fsdp_units(model):
+    """What shard_model gathers one at a time: each block, and the embeddings unless the head shares their weight
+    (a tied weight belongs to two modules: it stays with the root)."""
+    return list(model.model.layers) + ([] if model.args.tie_embeddings else [model.model.embed_tokens])
+
+
+def fsdp_unit_bytes(model):
+    """Whole bytes of the root's own parameters (head, final norm) and of each unit of fsdp_units."""
+    units = [sum(p.nbytes for p in m.parameters()) for m in fsdp_units(model)]
+    return sum(p.nbytes for p in model.parameters()) - sum(units), units
+
+
 def estimate_only(cfg):
-    """--estimate: the plan for any preset on the meta device, no weights, no memory."""
+    """--estimate: the plan for any preset on the meta device, no weights, no memory. --nproc=N with --fsdp=true:
+    the plan of each of N GPUs."""
+    if cfg.nproc > 1 and not cfg.fsdp:
+        raise ConfigError(f"--nproc={cfg.nproc} plans FSDP's per-GPU shares: add --fsdp=true (data parallel holds the "
+                          "whole model on every GPU: its plan is the one-GPU plan)")
     compute = torch.bfloat16 if cfg.compute_dtype in ("auto", "bfloat16") else getattr(torch, cfg.compute_dtype)
     with torch.device("meta"):
         model = M.Transformer(M.get_args(cfg.model)).to(compute)
@@ -356,10 +490,16 @@ def estimate_only(cfg):
                    quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize,
                    compute_dtype=compute)
         set_lora_dtype(model, cfg, compute)
-    plan, account = memory_plan(cfg, model, cfg.batch_size, cfg.max_seq_len, compute.itemsize)
+    plan, account = memory_plan(cfg, model, cfg.batch_size, cfg.max_seq_len, compute.itemsize, nproc=cfg.nproc)
+    on = [name for name, is_on in (("gradient checkpointing", cfg.grad_checkpoint), (cfg.optimizer, True),
+                                   ("chunked loss", cfg.chunked_loss),
+                                   ("offloaded activations", cfg.offload_activations and cfg.grad_checkpoint)) if is_on]
     print(f"--model={cfg.model}: {n_params / 1e9:.2f}B parameters, {compute} compute, batch {cfg.batch_size} x "
-          f"{cfg.max_seq_len} tokens{', gradient checkpointing' if cfg.grad_checkpoint else ''}")
+          f"{cfg.max_seq_len} tokens, {', '.join(on)}" + (f"; FSDP: each of {cfg.nproc} GPUs" if cfg.nproc > 1 else ""))
     print_plan(plan, account)
+    if "saved: block inputs offloaded to host" in plan:
+        host = model.args.n_layers * cfg.batch_size * cfg.max_seq_len * model.args.dim * compute.itemsize
+        print(f"  (the offloaded block inputs take {host / 2**20:,.1f} MiB of pinned host RAM)")
 
 # -----------------------------------------------------------------------------
 # checkpoints: a directory per checkpoint, written under a temporary name and renamed (atomic on POSIX)
@@ -375,18 +515,23 @@ def fsync_save(obj, path):
 def check_finite(model, step):
     """Nothing non-finite is ever saved: an update can turn finite gradients into NaN weights (AdamW's squared
     gradient overflows fp32), and a checkpoint of those would make --resume fail again at once."""
-    if bad := [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
-        raise TrainingError(f"the update of step {step} made {len(bad)} LoRA tensors non-finite (first: {bad[0]}); "
-                            "nothing was saved for it")
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(local_shard(p)).all()]
+    n_bad = torch.tensor(float(len(bad)), device=next(model.parameters()).device)
+    if all_sum(n_bad).item():  # under FSDP each rank sees its own rows: all raise if any has one
+        raise TrainingError(f"the update of step {step} made {len(bad)} LoRA tensors non-finite (first: "
+                            f"{bad[0] if bad else 'on another rank'}); nothing was saved for it")
 
 
 def save_adapter(cfg, model, base_path):
-    """The final adapter, replaced whole: written beside and renamed, so a crash keeps the old one or the new one."""
+    """The final adapter, replaced whole: written beside and renamed, so a crash keeps the old one or the new one.
+    Every rank calls it (under FSDP the weights are gathered from all ranks); rank 0 writes."""
     final = Path(cfg.out_dir) / "adapter"
     tmp, old = final.with_name("adapter.tmp"), final.with_name("adapter.old")
-    for p in (tmp, old):
+    for p in (tmp, old) if is_main() else ():
         shutil.rmtree(p, ignore_errors=True)
-    Q.save_adapter(model, tmp, base_model_name_or_path=base_path)
+    Q.save_adapter(model, tmp, base_model_name_or_path=base_path, write=is_main())
+    if not is_main():
+        return final
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -394,14 +539,47 @@ def save_adapter(cfg, model, base_path):
     return final
 
 
-def save_checkpoint(cfg, model, optimizer, step, base_path):
+def whole_optimizer_state(optimizer, params):
+    """optimizer.state_dict() with whole moments: under FSDP each rank's rows are all-gathered, one tensor at a time
+    (a collective: every rank calls this), kept on rank 0 only. So a checkpoint is the same whatever the number of
+    ranks, and DDP and FSDP runs resume each other's."""
+    sd = optimizer.state_dict()
+    for k, s in sd["state"].items():
+        p = params[k]
+        for name, x in s.items() if isinstance(p, DTensor) else ():
+            if torch.is_tensor(x) and x.dim() > 0:  # the moments (the step count is a scalar)
+                whole = DTensor.from_local(x.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                           stride=p.stride()).full_tensor()
+                s[name] = whole.cpu() if is_main() else None
+    return sd
+
+
+def sharded_optimizer_state(sd, params):
+    """The inverse, at --resume: each rank keeps its own rows of every whole moment, without communication."""
+    for k, s in sd["state"].items():
+        p = params[k]
+        for name, x in s.items() if isinstance(p, DTensor) else ():
+            if torch.is_tensor(x) and x.dim() > 0:
+                s[name] = distribute_tensor(x.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+    return sd
+
+
+def save_checkpoint(cfg, model, optimizer, step, base_path, params):
+    """Every rank calls it: under FSDP the adapter and the optimizer's moments are gathered whole; rank 0 writes."""
     out = Path(cfg.out_dir)
     final, tmp = out / f"ckpt-{step:06d}", out / f"ckpt-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    Q.save_adapter(model, tmp, base_model_name_or_path=base_path)  # PEFT format: adapter_model.safetensors + config
+    if not is_main() and not any(isinstance(p, DTensor) for p in params):
+        return final  # unsharded (DDP): rank 0 alone has anything to do
+    opt_state = whole_optimizer_state(optimizer, params)
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    # PEFT format: adapter_model.safetensors + config
+    Q.save_adapter(model, tmp, base_model_name_or_path=base_path, write=is_main())
+    if not is_main():
+        return final
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-    fsync_save(dict(optimizer=optimizer.state_dict(), step=step, config=asdict(cfg), rng=rng), tmp / "trainer_state.pt")
+    fsync_save(dict(optimizer=opt_state, step=step, config=asdict(cfg), rng=rng), tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # the checkpoint exists whole or not at all
     fd = os.open(out, os.O_RDONLY)
@@ -421,7 +599,7 @@ def latest_checkpoint(out_dir):
 # data, batch, seed, optimizer, schedule, dropout...) must be the checkpoint's, or the run is not the same run.
 RESUME_MAY_CHANGE = {"max_steps", "lr", "max_grad_norm", "eval_interval", "eval_batches", "log_interval",
                      "ckpt_interval", "keep_ckpts", "eval_answers", "device", "deterministic", "resume", "overwrite",
-                     "estimate", "out_dir"}
+                     "estimate", "out_dir", "fsdp", "nproc"}  # checkpoints hold whole tensors: DDP <-> FSDP both go
 
 
 def load_checkpoint(cfg, model, path, compute_dtype, log):
@@ -440,9 +618,28 @@ def load_checkpoint(cfg, model, path, compute_dtype, log):
     if state["step"] > cfg.max_steps:
         raise ConfigError(f"{path}: the checkpoint is at step {state['step']}, past --max_steps={cfg.max_steps}; "
                           "raise --max_steps to go on")
-    Q.load_adapter(model, path)  # new lora_A / lora_B modules: the optimizer must be built after this
-    set_lora_dtype(model, cfg, compute_dtype)
+    if isinstance(model, FSDPModule):  # sharded as it loaded: the adapter goes into this rank's rows
+        load_adapter_rows(model, path)
+    else:
+        Q.load_adapter(model, path)  # new lora_A / lora_B modules: the optimizer must be built after this
+        set_lora_dtype(model, cfg, compute_dtype)
     return state
+
+
+def load_adapter_rows(model, path):
+    """A checkpoint's adapter into the sharded model's own LoRA parameters (their shapes were fixed by the same
+    lora_r and target_modules, which load_checkpoint checked): each rank copies its rows of each tensor."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    seen = set()
+    for key, t in M.read_safetensors(path / "adapter_model.safetensors"):
+        name = key.removeprefix("base_model.model.")
+        if name not in params or params[name].shape != t.shape:
+            raise M.CheckpointError(f"{path}: adapter tensor {key!r} {list(t.shape)} fits no LoRA weight of this model")
+        with torch.no_grad():
+            copy_rows(params[name], t.to(params[name].dtype))
+        seen.add(name)
+    if missing := sorted(params.keys() - seen):
+        raise M.CheckpointError(f"{path}: {len(missing)} adapter weights missing: {', '.join(missing[:4])}")
 
 
 def resume_from(cfg, model, compute_dtype, log):
@@ -519,6 +716,46 @@ def all_sum(x):
     return x
 
 
+def shard_model(model, device):
+    """--fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) over all ranks. Each block is a unit: its 4-bit weights,
+    constants and LoRA weights (all parameters: qlora._frozen) are split along dim 0 over the ranks, all-gathered
+    just before the block runs and freed after, in forward and in backward (where gradient checkpointing's
+    recompute runs on the gathered weights: FSDP2 skips its forward hooks then); the LoRA gradients are
+    reduce-scattered. FSDP2 pads a dim 0 that does not divide by the number of ranks (the last ranks hold fewer
+    rows, maybe none), so every preset shards. The embeddings are a unit of their own; the root keeps the final
+    norm and the head, gathered from its forward to its backward (the chunked loss reads the head's weight itself,
+    without calling the module, so the head cannot be a unit whose hooks gather it)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for m in fsdp_units(model):
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def grad_sync(net, on):
+    """DDP all-reduces, FSDP reduce-scatters, the gradients in the backward of a step's last micro-batch only: the
+    others accumulate locally (FSDP: unsharded, so for G > 1 each rank holds the whole LoRA gradients meanwhile)."""
+    if isinstance(net, FSDPModule):
+        net.set_requires_gradient_sync(on)
+    elif isinstance(net, torch.nn.parallel.DistributedDataParallel) and not on:
+        return net.no_sync()
+    return nullcontext()
+
+
+def local_shard(p):
+    """The rows of p this rank holds and updates: under FSDP the DTensor's local tensor (its storage), else p."""
+    with torch.no_grad():
+        return p.to_local() if isinstance(p, DTensor) else p
+
+
+def clip_grads(params, max_norm):
+    """torch's clip_grad_norm_ (the same two calls), with the norm over every rank's shards under FSDP."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def peak_memory(device):
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
@@ -565,6 +802,14 @@ def train(cfg):
     device = pick_device(cfg, local_rank)
     if cfg.deterministic:
         make_deterministic()
+    if cfg.fsdp and world < 2:
+        raise ConfigError("--fsdp=true shards the model over torchrun's processes: start it with torchrun "
+                          "--nproc_per_node=N, N >= 2 (this is one process; without --fsdp it trains unsharded)")
+    if cfg.nproc != 1:
+        raise ConfigError(f"--nproc={cfg.nproc} is for --estimate; a run's processes are torchrun's --nproc_per_node")
+    if cfg.fsdp and cfg.optimizer == "paged_adamw_8bit":
+        raise ConfigError("--optimizer=paged_adamw_8bit with --fsdp=true is not built: its 8-bit states are blockwise "
+                          "over a whole parameter, not over a rank's rows; use paged_adamw")
     if device.type == "cuda":  # Triton and the default stream follow the current device: make it this run's GPU
         torch.cuda.set_device(device)
     if world > 1:
@@ -585,32 +830,48 @@ def train(cfg):
         else getattr(torch, cfg.compute_dtype)
 
     # tokenizer -> data -> model (meta, 4-bit, LoRA) -> optimizer
-    tok_path = (Path(cfg.init_from) if cfg.init_from else ROOT / "data" / cfg.data) / "tokenizer.model"
+    base = base_dir(cfg)  # None: a random base, which takes the data's own tokenizer
+    tok_path = (base if base is not None else ROOT / "data" / cfg.data) / "tokenizer.model"
     if not tok_path.exists():
         raise ConfigError(f"no tokenizer at {tok_path}: put the model's sentencepiece tokenizer.model there")
     train_ds, val_ds = get_data(cfg, tok_path, device)
+    if cfg.fsdp:  # the same adapter init on every rank (FSDP keeps each rank's rows of it; DDP broadcasts rank 0's)
+        torch.manual_seed(cfg.seed)
     model = build_model(cfg, train_ds.meta["vocab_size"], device, compute, compute)
+    if cfg.fsdp:
+        torch.manual_seed(cfg.seed + rank)  # then each rank its own dropout
     if model.args.vocab_size < train_ds.meta["vocab_size"]:
         raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
                           f"{model.args.vocab_size}")
-    base_path = cfg.init_from or str(Path(cfg.out_dir) / "base")
-    if not cfg.init_from and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
+    base_path = str(base if base is not None else Path(cfg.out_dir) / "base")
+    if base is None and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
             base_path, "model.safetensors").exists()):  # a random base is part of the result: keep it, in
         Q.save_quantized(model, base_path, tokenizer=tok_path)  # bitsandbytes' 4-bit format
     state = resume_from(cfg, model, compute, log) if cfg.resume else None
+    # DDP and FSDP: two settings of one loop. `net` runs the steps; under FSDP it is the model itself, sharded in
+    # place, whose parameters are then DTensors (after the adapter is loaded, before the optimizer sees them)
+    if cfg.fsdp:
+        net = model if isinstance(model, FSDPModule) else shard_model(model, device)  # sharded as it loaded, or now
+        a = Q.memory_account(model)
+        held = torch.zeros(world, dtype=torch.int64, device=device)
+        held[rank] = a["quantized_bytes"] + a["constant_bytes"]
+        log(f"fsdp: {world} ranks store {', '.join(map(str, all_sum(held).tolist()))} bytes of the 4-bit base and "
+            "its constants")
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
+    shards = [local_shard(p) for p in params]  # the optimizer updates this rank's rows only: moments of 1/world
     opt_args = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    optimizer = PagedAdamW(params, **opt_args) if cfg.optimizer == "paged_adamw" else \
-        torch.optim.AdamW(params, **opt_args)
+    optimizer = dict(paged_adamw=PagedAdamW, paged_adamw_8bit=PagedAdamW8bit,
+                     adamw=torch.optim.AdamW)[cfg.optimizer](shards, **opt_args)
     step = 0
     if state is not None:  # optimizer moments, step, and the RNG (dropout) exactly as they were
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(sharded_optimizer_state(state["optimizer"], params))
         step = state["step"]
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else model
     batches = MicroBatches(cfg, train_ds)
     val_batches = [collate([val_ds[i] for i in range(s, min(s + cfg.batch_size, len(val_ds)))], val_ds.pad_id,
                            cfg.max_seq_len) for s in range(0, len(val_ds), cfg.batch_size)][:cfg.eval_batches]
@@ -619,15 +880,17 @@ def train(cfg):
     if not any(bool((y != IGNORE).any()) for _, y in batches.batches):
         raise ConfigError(f"--max_seq_len={cfg.max_seq_len} cuts off every trained token of data {cfg.data!r} (the "
                           "replies come after the prompts): nothing would be learned; raise it")
-    plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize)
+    plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize, device.type == "cuda")
     if is_main():
         print_plan(plan, account)
     if step == 0:
         log(f"step 0: val loss {estimate_loss(model, val_batches, device):.4f}")
-    do_answers = cfg.eval_answers > 0 and is_main() and step == 0
+    do_answers = cfg.eval_answers > 0 and (is_main() or cfg.fsdp) and step == 0  # FSDP: every rank runs the model
     if do_answers:
-        acc0 = answer_accuracy(model, val_ds, cfg.eval_answers, device)
-        log(f"held-out answers before fine-tuning: {acc0:.0%} exact")
+        tok = M.Tokenizer(tok_path)
+        acc0 = answer_accuracy(model, val_ds, cfg.eval_answers, device, tok)
+        log(f"held-out answers before fine-tuning: {overall_accuracy(acc0):.0%} exact (" +
+            ", ".join(f"{t} {r / n:.0%} of {n}" for t, (r, n) in acc0.items()) + ")")
 
     model.train()
     if device.type == "cuda":
@@ -648,22 +911,23 @@ def train(cfg):
         n_tokens = max(all_sum(trained).item(), 1.0)
         loss_sum = torch.zeros((), device=device)
         for j, (x, y) in enumerate(micro):
-            sync = ddp.no_sync() if world > 1 and j < G - 1 else nullcontext()  # all-reduce once, at the end
-            with sync:
-                logits = ddp(x.to(device))
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=IGNORE,
-                                       reduction="sum")
-                (loss * world / n_tokens).backward()  # DDP averages over ranks: * world makes it a sum
+            with grad_sync(net, j == G - 1):  # all-reduce (DDP) or reduce-scatter (FSDP) once, at the end
+                loss = net(x.to(device), targets=y.to(device))  # fp32, summed over the trained tokens
+                (loss * world / n_tokens).backward()  # DDP and FSDP average over ranks: * world makes it a sum
             loss_sum += loss.detach()
         step_loss = all_sum(loss_sum).item() / n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = clip_grads(params, cfg.max_grad_norm)
         if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
             last = latest_checkpoint(cfg.out_dir)
             raise TrainingError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step "
                                 f"{step + 1}; nothing was saved for it. Last good checkpoint: {last or 'none'}. "
                                 "Lower --lr or --max_grad_norm and resume with --resume")
+        for p, s in zip(params, shards):
+            if s is not p:  # FSDP: the reduce-scattered gradient of this rank's rows
+                s.grad = None if p.grad is None else p.grad.to_local()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         step += 1
         losses.append(step_loss)
         n_seen += sum(x.numel() for x, _ in micro)
@@ -681,19 +945,22 @@ def train(cfg):
             log(f"step {step}: val loss {estimate_loss(model, val_batches, device):.4f}")
         if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_steps:
             check_finite(model, step)
-            if is_main():
-                save_checkpoint(cfg, model, optimizer, step, base_path)
+            save_checkpoint(cfg, model, optimizer, step, base_path, params)
         barrier(device)
     bar.close()
+    check_finite(model, step)  # on every rank, as the save: under FSDP the adapter is gathered from all of them
+    log(f"adapter (PEFT format) in {save_adapter(cfg, model, base_path)}")
+    if do_answers and not is_main():  # FSDP: the other ranks generate alongside rank 0 (the model's collectives)
+        answer_accuracy(model, val_ds, cfg.eval_answers, device, tok)
     if is_main():
-        check_finite(model, step)
-        log(f"adapter (PEFT format) in {save_adapter(cfg, model, base_path)}")
         if device.type == "cuda":
             log(f"measured peak: {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB allocated, "
                 f"{torch.cuda.max_memory_reserved(device) / 2**20:,.0f} MiB reserved")
         if do_answers:
-            log(f"held-out answers: {acc0:.0%} before -> {answer_accuracy(model, val_ds, cfg.eval_answers, device):.0%}"
-                " after fine-tuning (exact match)")
+            acc = answer_accuracy(model, val_ds, cfg.eval_answers, device, tok)
+            log(f"held-out answers: {overall_accuracy(acc0):.0%} before -> {overall_accuracy(acc):.0%} after "
+                "fine-tuning (exact match; " +
+                ", ".join(f"{t} {acc0[t][0] / n:.0%} -> {r / n:.0%} of {n}" for t, (r, n) in acc.items()) + ")")
     if dist.is_initialized():
         dist.destroy_process_group()
     return losses

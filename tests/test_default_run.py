@@ -48,7 +48,8 @@ def test_pretraining_text_holds_no_heldout_prompt():
 def test_short_pretraining_repeats_itself(tmp_path):
     """Two invocations (a process and a call) of a 3-step pretraining write the same bytes: the script is
     deterministic, so the committed base is what `python data/sample/pretrain.py` makes (on this CPU build)."""
-    p = subprocess.run([sys.executable, "data/sample/pretrain.py", "--steps=3", f"--out_dir={tmp_path / 'a'}"],
+    p = subprocess.run([sys.executable, "data/sample/pretrain.py", "--steps=3", "--evaluate=false",
+                        f"--out_dir={tmp_path / 'a'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     threads = torch.get_num_threads()
@@ -66,13 +67,16 @@ def test_short_pretraining_repeats_itself(tmp_path):
 
 def test_bundled_base_knows_heldout_facts():
     """The committed 4-bit base answers held-out prompts asked in plain text ("15+37=" -> "52"), each task >= 90%:
-    the knowledge the fine-tune routes to is there, and generalizes (none of these was in its training text)."""
+    the knowledge the fine-tune routes to is there, and generalizes (none of these was in its training text).
+    The first 60 held-out prompts of each task (pretrain.py's own run checks them all: 100% each)."""
     qc = Q.is_bnb_4bit(BASE)
     assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"]
     assert sum(f.stat().st_size for f in BASE.iterdir()) < 2_000_000  # a few MB at most, as committed
     base = Q.load_quantized(BASE, r=0).eval()
     assert sum(m.weight.numel() * 2 for m in Q.linears_4bit(base).values()) < 5_000_000  # a few M parameters
-    acc = P.fact_accuracy(base, tokenizer(), P.heldout())
+    held = P.heldout()
+    first = [h for i, h in enumerate(held) if sum(k == h[0] for k, _ in held[:i]) < 60]
+    acc = P.fact_accuracy(base, tokenizer(), first)
     print(f"committed base, held-out facts: {acc}")
     assert min(acc.values()) >= 0.9, acc
 

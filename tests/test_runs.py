@@ -71,7 +71,7 @@ def test_resume_refuses_what_would_change_the_run_and_allows_the_rest(tmp_path, 
     capsys.readouterr()
     train("--max_steps=3", "--lr=5e-4", "--resume", f"--out_dir={out}")
     said = capsys.readouterr()
-    assert "lr 0.001 -> 0.0005 (allowed" in said.out + said.err and sorted(logged(out)) == [1, 2, 3]
+    assert f"lr {T.Config.lr} -> 0.0005 (allowed" in said.out + said.err and sorted(logged(out)) == [1, 2, 3]
 
 
 def test_a_diverged_update_is_never_saved(tmp_path, monkeypatch):
@@ -101,7 +101,8 @@ def test_a_diverged_update_is_never_saved(tmp_path, monkeypatch):
     ("--max_grad_norm=0", "--max_grad_norm"), ("--max_grad_norm=-1", "--max_grad_norm"),
     ("--lora_dropout=1.5", "--lora_dropout"), ("--lr=nan", "--lr=nan"), ("--compute_dtype=load", "--compute_dtype"),
     ("--keep_ckpts=-1", "--keep_ckpts"), ("--max_steps=0", "--max_steps=0"), ("--device=tpu", "--device"),
-    ("--device=cuda", "no CUDA GPU"), ("--lora_dtype=int8", "--lora_dtype")])
+    ("--device=cuda", "no CUDA GPU"), ("--lora_dtype=int8", "--lora_dtype"),
+    ("--target_modules=q_proj,qkv", "--target_modules takes all or a comma list")])
 def test_settings_that_would_train_nothing_are_refused(flag, says):
     if flag == "--device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU: --device=cuda is valid here")
@@ -122,10 +123,11 @@ def test_preparing_for_another_loss_mode_leaves_a_running_jobs_files_alone():
     tok = ROOT / "data" / "sample" / "tokenizer.model"
     cfg = T.parse_config(FAST)
     train_ds, _ = T.get_data(cfg, tok, torch.device("cpu"))
-    folder = ROOT / "data" / "sample" / "prepared" / f"{file_sha256(tok)[:12]}-assistant"
+    script = file_sha256(ROOT / "data" / "sample" / "prepare.py")[:8]
+    folder = ROOT / "data" / "sample" / "prepared" / f"{file_sha256(tok)[:12]}-assistant-{script}"
     assert (folder / "meta.json").exists()
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
     cfg_all = T.parse_config([*FAST, "--train_on=all"])  # another loss mode: its own folder
     T.get_data(cfg_all, tok, torch.device("cpu"))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
-    assert (folder.with_name(f"{file_sha256(tok)[:12]}-all") / "meta.json").exists()
+    assert (folder.with_name(f"{file_sha256(tok)[:12]}-all-{script}") / "meta.json").exists()

@@ -171,6 +171,11 @@ def pretrain(out_dir=HERE / "base", steps=STEPS, out16=None, log_every=100, eval
 
 if __name__ == "__main__":
     kw = dict(a.removeprefix("--").partition("=")[::2] for a in sys.argv[1:])
-    if bad := sorted(set(kw) - {"out_dir", "steps", "out16"}):
-        sys.exit(f"error: unknown settings {bad}; pretrain.py takes --out_dir=DIR, --steps=N and --out16=DIR")
-    pretrain(Path(kw.get("out_dir", HERE / "base")), int(kw.get("steps", STEPS)), kw.get("out16"))
+    if bad := sorted(set(kw) - {"out_dir", "steps", "out16", "evaluate"}):
+        sys.exit(f"error: unknown settings {bad}; pretrain.py takes --out_dir=DIR, --steps=N, --out16=DIR and "
+                 "--evaluate=true|false")
+    if not kw.get("steps", "1").isdigit() or int(kw.get("steps", STEPS)) < 1 or \
+            kw.get("evaluate", "true") not in ("true", "false"):
+        sys.exit("error: --steps takes a whole number >= 1, --evaluate true or false")
+    pretrain(Path(kw.get("out_dir", HERE / "base")), int(kw.get("steps", STEPS)), kw.get("out16"),
+             evaluate=kw.get("evaluate", "true") == "true")

@@ -56,15 +56,20 @@ class Question:
     row: list  # [question, A, B, C, D, answer]
 
 
-def read_rows(path, bad=None):
-    """The records of one MMLU csv as [(index, line, row)]. A record without 6 fields or with an answer that is
-    not A-D raises InputError naming path:line, or under --skip_bad is left out and counted."""
+def read_text(path):
+    """A file's text, or InputError naming the line where it stops being UTF-8."""
     raw = Path(path).read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise InputError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
+
+
+def read_rows(path, bad=None):
+    """The records of one MMLU csv as [(index, line, row)]. A record without 6 fields or with an answer that is
+    not A-D raises InputError naming path:line, or under --skip_bad is left out and counted."""
+    text = read_text(path)
     rows, reader, line, index = [], csv.reader(io.StringIO(text, newline="")), 1, 0
     try:
         for rec in reader:
@@ -292,12 +297,7 @@ def perplexity(model, docs, window, stride, batch_size=8, progress=True):
 
 def text_docs(path, tok):
     """A text file as one document: BOS + its tokens, every token scored."""
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 ({e.reason})") from None
+    text = read_text(path)
     ids = tok.encode(text, bos=True)
     return [(ids, [True] * len(ids))]
 

@@ -185,17 +185,7 @@ def prefetch(t, device=None):
 STATE_BLOCKSIZE = 256  # bitsandbytes' blockwise optimizers (optimizer.py: blocksize = 256)
 
 
-def unsigned_dynamic_map():
-    """bitsandbytes' create_dynamic_map(signed=False): for each exponent 10^(i-6), i = 0..6, 2^(i+1) linear fractions
-    in [0.1, 1] (fp32, as bitsandbytes), plus 0 and 1. 256 values in [0, 1], sorted."""
-    data = []
-    for i in range(7):
-        b = torch.linspace(0.1, 1, 2 ** (i + 1) + 1)
-        data += (10 ** (i - 6) * (b[:-1] + b[1:]) / 2).tolist()
-    return torch.tensor(sorted(data + [0.0, 1.0]))
-
-
-SIGNED_MAP, UNSIGNED_MAP = Q.DYNAMIC, unsigned_dynamic_map()
+SIGNED_MAP, UNSIGNED_MAP = Q.DYNAMIC, Q.dynamic_map(signed=False)
 _on_device = {}  # (id(map), device) -> (map, its fp32 copy there, fp64 midpoints there): one copy, not one per step
 
 

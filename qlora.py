@@ -52,14 +52,16 @@ def int4_table():
     return torch.cat([(torch.arange(15) - 7) / 7, torch.ones(1)])
 
 
-def dynamic_map():
-    """bitsandbytes' signed 8-bit dynamic map (Dettmers 2016): for each exponent 10^(i-6), i = 0..6, 2^i linear
-    fractions in [0.1, 1], with both signs; plus 0 and 1. 256 values, sorted; used for double quantization."""
+def dynamic_map(signed=True):
+    """bitsandbytes' 8-bit dynamic map (Dettmers 2016): for each exponent 10^(i-6), i = 0..6, linear fractions in
+    [0.1, 1]: 2^i of them with both signs (signed: double quantization, AdamW's first moment), or 2^(i+1) of them
+    without (unsigned: the second moment spends the sign bit on twice the fractions); plus 0 and 1. 256 values,
+    sorted, fp32 as bitsandbytes computes them."""
     data = []
     for i in range(7):
-        b = torch.linspace(0.1, 1, 2**i + 1)  # fp32, as bitsandbytes
+        b = torch.linspace(0.1, 1, 2 ** (i + (not signed)) + 1)
         means = (b[:-1] + b[1:]) / 2
-        data += (10 ** (i - 6) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+        data += (10 ** (i - 6) * means).tolist() + ((-(10 ** (i - 6)) * means).tolist() if signed else [])
     return torch.tensor(sorted(data + [0.0, 1.0]))
 
 

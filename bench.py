@@ -3,7 +3,7 @@ Benchmarks, and the QLoRA paper's claims reproduced at small scale. Each section
 writes them, under a header (date, commit, machine, package versions), into its own part of bench/RESULTS.md.
 
   python bench.py                    # every section this device can run (CPU: under 10 minutes on 2 cores)
-  python bench.py --section=step     # one of quant | dequant | step | scale | paper | compile; others are kept
+  python bench.py --section=step     # one of quant | dequant | step | fsdp | scale | paper | compile; others kept
   python bench.py --paper            # the reproductions only (= --section=paper)
   python bench.py --quick --out=/tmp/r.md    # tiny shapes and runs, seconds (the smoke test)
 
@@ -13,13 +13,18 @@ writes them, under a header (date, commit, machine, package versions), into its 
            (kernels.FUSED_MAX_TOKENS)
   step     a training step of a ~60M LLaMA (LoRA r=16 on all linears, batch 4 x 256): ours against transformers +
            peft + bitsandbytes, LoRA over unquantized weights, PagedAdamW against AdamW; each in its own process
-  scale    CUDA only: LLaMA-7B and 65B shapes, random weights quantized on the GPU: peak memory, tokens/s
+  fsdp     the same ~60M model on 2 ranks under torchrun, train.py's FSDP against its DDP: each rank's peak memory
+           over a step and the base bytes it holds (CPU: gloo, RSS; CUDA: nccl, needs 2 GPUs)
+  scale    CUDA only: LLaMA-7B and 65B shapes, random weights quantized on the GPU, each memory saving (8-bit paged
+           AdamW, chunked loss, offloaded activations) off, alone and all on: peak memory, managed states, tokens/s
+           (--quick on CPU: the same loop on the tiny preset, a smoke test)
   paper    Table 2 (perplexity by 4-bit data type) on a real pretrained model; QLoRA against 16-bit LoRA (train.py)
   compile  only when asked: every Triton kernel specialization compiled for sm_80 and sm_90 without a GPU
            (bench/compile.py): registers, spills, shared memory
 The peers (transformers, peft, bitsandbytes) are optional: where one is missing, its rows say so, never a number.
 """
 import argparse
+import ctypes
 import gc
 import importlib
 import importlib.metadata
@@ -38,20 +43,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels
 import model as M
 import qlora as Q
-from paged_adamw import PagedAdamW, PagedAdamW8bit
+from paged_adamw import PagedAdamW, PagedAdamW8bit, cudart, state_bytes
 from train import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / "shared" / "assets"  # real test assets beside the repo (see tests/conftest.py)
-SECTIONS = ("quant", "dequant", "step", "scale", "paper", "compile")
+SECTIONS = ("quant", "dequant", "step", "fsdp", "scale", "paper", "compile")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # compile (16-30 minutes on 2 cores) runs only when asked for
 TITLES = dict(quant="1. Quantization: NF4 + double quantization, LLaMA-7B layer shapes",
               dequant="Dequantization throughput", step="2. Training step: ~60M LLaMA, LoRA r=16, NF4 + DQ",
+              fsdp="2b. FSDP against DDP: the per-rank memory of a 2-rank step, ~60M LLaMA",
               scale="3. Memory at scale", paper="Reproduction (`--paper`)",
               compile="The Triton kernels compiled for sm_80 and sm_90, without a GPU (`--section=compile`)")
 SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): attention; gate and up; down
@@ -274,6 +281,21 @@ STEP_BATCHES = {"4x256": (4, 256), "16x512": (16, 512)}
 QUICK_BATCHES = {"4x256": (2, 32), "16x512": (4, 64)}
 
 
+def step_args(quick):
+    """The step section's model: ~60M parameters, or a tiny one for --quick."""
+    return M.ModelArgs(**(dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000) if quick else STEP_MODEL))
+
+
+def save_random_model(ckpt, args):
+    """The random model every step row (and every rank of the fsdp section) loads, saved as a Hugging Face fp32
+    checkpoint in folder ckpt; returns its parameter count."""
+    torch.manual_seed(0)
+    dense = M.Transformer(args)
+    M.save_safetensors(Path(ckpt) / "model.safetensors", dense.state_dict())
+    (Path(ckpt) / "config.json").write_text(json.dumps(Q.hf_config(args, torch.float32)))
+    return sum(p.numel() for p in dense.parameters())
+
+
 def step_child(a, device):
     """One configuration: load the saved random model, time training steps, print one RESULT json line."""
     torch.set_num_threads(a.threads)
@@ -335,17 +357,12 @@ def step_child(a, device):
 def bench_step(device, a, out):
     have_peers = all([peer(p, out) is not None for p in PEERS])  # (a list: say every missing one)
     compute = "bfloat16" if device.type == "cuda" else "float32"
-    args = M.ModelArgs(**(dict(dim=64, n_layers=2, n_heads=4, vocab_size=1000) if a.quick else STEP_MODEL))
+    args = step_args(a.quick)
     batches = QUICK_BATCHES if a.quick else STEP_BATCHES
     (B, T), steps, res = batches["4x256"], (2 if a.quick else 4), {}
     rounds = 1 if a.quick or device.type == "cuda" else 2  # a shared CPU's speed drifts; a GPU's much less
     with tempfile.TemporaryDirectory() as ckpt:
-        torch.manual_seed(0)  # the random model every row loads, saved as a Hugging Face checkpoint
-        dense = M.Transformer(args)
-        M.save_safetensors(Path(ckpt) / "model.safetensors", dense.state_dict())
-        (Path(ckpt) / "config.json").write_text(json.dumps(Q.hf_config(args, torch.float32)))
-        n_params = sum(p.numel() for p in dense.parameters())
-        del dense
+        n_params = save_random_model(ckpt, args)
         for rnd, (label, impl, quant, dtype, opt, loss, batch) in itertools.product(range(rounds), STEP_CONFIGS):
             if impl == "peer" and not have_peers:  # rounds interleave the rows, so a slow spell of the machine
                 continue  # falls on every row rather than on one
@@ -414,19 +431,189 @@ def bench_step(device, a, out):
                for d, op, n, m in diff])
 
 # -----------------------------------------------------------------------------
+# 2b. FSDP against DDP: two ranks under torchrun, each building, wrapping and stepping the model as train.py does
+
+DIST_MODES = ("ddp", "fsdp")
+
+
+def rss_mib(field):
+    """/proc/self/status's VmRSS (resident now) or VmHWM (the peak since the start, or since reset_rss_peak), MiB."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) / 1024
+
+
+def reset_rss_peak():
+    """Linux >= 4.0: VmHWM (and ru_maxrss with it) := the RSS now, so the next peak is the coming code's own."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def dist_child(a, device):
+    """One rank of the fsdp section, under torchrun: the step section's random checkpoint built by train.py's
+    build_model (streamed and quantized tensor by tensor; under FSDP into this rank's shards by load_sharded),
+    wrapped as train.py wraps it (DDP, or FSDP2 by shard_model), and stepped as its loop steps (loss summed over the
+    tokens of all ranks, clip_grads, the optimizer on local_shard's rows). Writes this rank's figures as json."""
+    from torch.distributed.fsdp import FSDPModule
+    from train import (Config, all_sum, build_model, clip_grads, fsdp_unit_bytes, init_distributed, local_shard,
+                       shard_model)
+    world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    if device.type == "cuda":  # as train.py: this rank's GPU, the current device for Triton and the streams
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    torch.set_num_threads(a.threads)
+    init_distributed(device)  # nccl on CUDA, gloo on CPU
+    if device.type == "cpu":
+        keep_freed_memory()  # as train.py on CPU
+    cfg = Config(init_from=a.ckpt, fsdp=a.dist == "fsdp", lora_r=16, lora_alpha=16.0, lora_dropout=0.0)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # train.py's compute_dtype=auto
+    torch.manual_seed(cfg.seed)  # train.py under FSDP: the same adapter init on every rank (DDP broadcasts rank 0's)
+    model = build_model(cfg, M.load_args(a.ckpt).vocab_size, device, compute, compute)
+    if cfg.fsdp:
+        net = model if isinstance(model, FSDPModule) else shard_model(model, device)
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    shards = [local_shard(p) for p in params]
+    opt = PagedAdamW(shards, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)  # the default
+    B, T = (QUICK_BATCHES if a.quick else STEP_BATCHES)["4x256"]
+    ids = torch.randint(0, model.args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(rank))
+    x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)  # each rank its own batch, the same in both modes
+    n_tokens = all_sum(torch.tensor(float(y.numel()), device=device)).item()
+    losses = []
+
+    def step():  # one step of train.py's loop, without accumulation
+        loss = net(x, targets=y)  # train.py's default chunked loss, summed over the tokens
+        (loss * world / n_tokens).backward()
+        clip_grads(params, cfg.max_grad_norm)
+        for p, s in zip(params, shards):
+            if s is not p:  # FSDP: the reduce-scattered gradient of this rank's rows
+                s.grad = None if p.grad is None else p.grad.to_local()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        losses.append(all_sum(loss.detach()).item() / n_tokens)
+    acc = Q.memory_account(model)  # this rank's bytes: its shards under FSDP, the whole model under DDP
+    root, units = fsdp_unit_bytes(model)  # whole bytes: the root's own (head, final norm) and each FSDP unit's
+    r = dict(rank=rank, world=world, base_bytes=acc["quantized_bytes"] + acc["constant_bytes"],
+             other_frozen_bytes=acc["unquantized_bytes"], lora_bytes=acc["lora_bytes"], root_bytes=root,
+             max_unit_bytes=max(units))
+    if device.type == "cuda":
+        r.update(before_mib=torch.cuda.memory_allocated(device) / 2**20,
+                 build_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        # ru_maxrss before the reset: the process's peak so far (building included); the reset sets it to the RSS now
+        r.update(before_mib=rss_mib("VmRSS"), build_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        reset_rss_peak()
+    r["step_s"] = timeit(step, device, reps=1, warmup=1)  # warm-up: the optimizer's states, the heap at its peak
+    r["step_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
+        rss_mib("VmHWM")
+    r.update(process_peak_mib=max(r["build_peak_mib"], r["step_peak_mib"]), losses=losses)
+    (Path(a.dist_out) / f"{a.dist}-rank{rank}.json").write_text(json.dumps(r))
+    dist.destroy_process_group()
+
+
+def bench_fsdp(device, a, out):
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return say(out, f"skipped: needs 2 GPUs (this machine has {torch.cuda.device_count()})")
+    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        return say(out, "skipped: needs Linux (/proc/self/status and clear_refs: the RSS peak of the step alone)")
+    args, res = step_args(a.quick), {}
+    B, T = (QUICK_BATCHES if a.quick else STEP_BATCHES)["4x256"]
+    with tempfile.TemporaryDirectory() as tmp:
+        n_params = save_random_model(tmp, args)
+        for mode in DIST_MODES:  # one after the other: each run's 2 ranks get the cores
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(ROOT / "bench.py"), f"--dist={mode}", f"--ckpt={tmp}", f"--dist_out={tmp}", "--threads=1",
+                   *["--quick"] * a.quick]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if p.returncode:
+                raise RuntimeError(f"fsdp section, {mode}: torchrun failed:\n{(p.stdout + p.stderr)[-3000:]}")
+            res[mode] = [json.loads((Path(tmp) / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
+            print(f"  {mode}: " + ", ".join(f"rank {r['rank']} peak {r['step_peak_mib']:,.0f} MiB" for r in res[mode]),
+                  flush=True)
+    cuda, mib = device.type == "cuda", lambda b: f"{b / 2**20:,.1f}"
+    base, frozen = res["ddp"][0]["base_bytes"], res["ddp"][0]["base_bytes"] + res["ddp"][0]["other_frozen_bytes"]
+    what = "allocated" if cuda else "RSS"
+    peaks = ("Peak over the steps: torch.cuda.max_memory_allocated after a reset before the warm-up; process peak: "
+             "the same since the start." if cuda else "Peak over the steps: VmHWM, reset (/proc/self/clear_refs) just "
+             "before the warm-up, so the steps' own peak; it includes what the process holds after building, where "
+             "train.keep_freed_memory (as train.py on CPU) keeps freed build buffers resident for the steps to reuse. "
+             "Process peak: ru_maxrss, building included (the checkpoint's mapped pages it read count too).")
+    say(out, f"The step section's random LLaMA (dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}: "
+        f"{n_params / 1e6:.1f}M parameters, NF4 + DQ, LoRA r=16 on all linears), 2 ranks under torchrun "
+        f"({'nccl, bf16' if cuda else 'gloo, fp32, 1 thread each'}), each with its own batch of {B} x {T}. Each rank "
+        "runs train.py's own code: build_model (the checkpoint streamed and quantized tensor by tensor; under FSDP "
+        "straight into the rank's shards, load_sharded), DDP or shard_model (FSDP2: each block and the embeddings a "
+        "unit, the root keeping the head), and its loop's step (chunked loss, clip_grads, PagedAdamW on the rank's "
+        f"rows), a warm-up step then a timed one. {peaks}\n")
+    table(out, ["mode", "rank", f"peak {what} over the steps MiB", f"process peak {what} MiB",
+                f"{what} before the steps MiB", "4-bit base + constants held, bytes",
+                "16/32-bit frozen params held MiB",
+                "step peak - DDP's, same rank MiB", "loss, steps 1 and 2", "step s"],
+          [[mode, f"{r['rank']} of {r['world']}", f"{r['step_peak_mib']:,.0f}", f"{r['process_peak_mib']:,.0f}",
+            f"{r['before_mib']:,.0f}", f"{r['base_bytes']:,}", mib(r["other_frozen_bytes"]),
+            f"{r['step_peak_mib'] - d['step_peak_mib']:+,.0f}", " / ".join(f"{l:.6f}" for l in r["losses"]),
+            sig(r["step_s"])] for mode in DIST_MODES for r, d in zip(res[mode], res["ddp"])])
+    saved = [d["step_peak_mib"] - f["step_peak_mib"] for d, f in zip(res["ddp"], res["fsdp"])]
+    half = base / 2 / 2**20
+    d0 = res["ddp"][0]
+    gathered = d0["root_bytes"] + 2 * d0["max_unit_bytes"]  # train.memory_plan's "all-gathered, transient" line
+    say(out, f"\nDDP's step peak minus FSDP's, ranks 0 and 1: {saved[0]:+,.0f} and {saved[1]:+,.0f} MiB. Half the "
+        f"4-bit base's bytes (codes + constants, {base:,} bytes whole): {half:,.1f} MiB; the measured saving is "
+        f"{saved[0] - half:+,.0f} and {saved[1] - half:+,.0f} MiB from it: FSDP's per-rank peak is "
+        + ("lower by at least half the base here." if min(saved) >= half else "NOT lower by half the base here.")
+        + f" What each rank holds besides: FSDP shards the 16/32-bit frozen parameters too (embeddings, norms, head; "
+        f"half of all frozen bytes: {mib(frozen / 2)} MiB), but gathers the root's own (head and final norm, "
+        f"{mib(d0['root_bytes'])} MiB) whole from forward to backward and each unit (the largest "
+        f"{mib(d0['max_unit_bytes'])} MiB) whole while it runs, with the next one prefetched: train.py's memory plan "
+        f"counts head + 2 units, {mib(gathered)} MiB, so by its count FSDP's step needs "
+        f"{(gathered - frozen / 2) / 2**20:+,.1f} MiB against DDP's (activations alike).")
+    same = all(math.isclose(l1, l2, rel_tol=1e-4) for d, f in zip(res["ddp"], res["fsdp"])
+               for l1, l2 in zip(d["losses"], f["losses"]))
+    say(out, "The two modes train the same: the losses of both steps " + ("agree (within 1e-4 relative)." if same else
+                                                                          "DIFFER (more than 1e-4 relative)."))
+
+# -----------------------------------------------------------------------------
 # 3. memory at scale (CUDA only): LLaMA-7B and 65B shapes with random weights
 
 
-def random_4bit_model(preset, device, n_layers=None):
-    """A `preset`-shaped LLaMA with random weights, each linear drawn and quantized on the GPU one at a time (a 65B
-    model in bf16 would not fit); LoRA r=64 on every linear, bf16 adapters (the paper's setup)."""
-    args = M.get_args(preset, max_seq_len=512, **({"n_layers": n_layers} if n_layers else {}))
+# the memory savings the scale section toggles on one model, as train.py's flags turn them on: label, 8-bit paged
+# AdamW (--optimizer=paged_adamw_8bit), chunked loss (--chunked_loss), offloaded activation checkpoints
+# (--offload_activations); gradient checkpointing (the paper's) is on in every row
+SAVINGS = (("none", False, False, False), ("8-bit paged AdamW", True, False, False),
+           ("chunked loss", False, True, False), ("offloaded activations", False, False, True),
+           ("all three", True, True, True))
+
+
+class PointerAttributes(ctypes.Structure):  # cudaPointerAttributes: `type` first in every CUDA version, and room
+    _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int), ("device_pointer", ctypes.c_void_p),
+                ("host_pointer", ctypes.c_void_p), ("reserved", ctypes.c_byte * 256)]  # for fields newer ones add
+
+
+def managed_bytes(tensors):
+    """Bytes of those tensors whose memory the CUDA runtime reports as managed (cudaMemoryTypeManaged = 3): the
+    paged optimizer states, which torch.cuda's memory stats do not see. CPU tensors count 0."""
+    n = 0
+    for t in tensors:
+        if not (torch.is_tensor(t) and t.is_cuda):
+            continue
+        attr = PointerAttributes()
+        if err := cudart().lib.cudaPointerGetAttributes(ctypes.byref(attr), ctypes.c_void_p(t.data_ptr())):
+            raise RuntimeError(f"cudaPointerGetAttributes: CUDA error {err}")
+        n += t.nbytes if attr.type == 3 else 0
+    return n
+
+
+def random_4bit_model(preset, device, n_layers=None, dtype=torch.bfloat16, seq=512):
+    """A `preset`-shaped LLaMA with random weights, each linear drawn and quantized on `device` one at a time (a 65B
+    model in bf16 would not fit on the GPU); LoRA r=64 on every linear, adapters in `dtype` (the paper: bf16)."""
+    args = M.get_args(preset, max_seq_len=seq, **({"n_layers": n_layers} if n_layers else {}))
     with torch.device("meta"):
-        model = M.Transformer(args).to(torch.bfloat16)
-    Q.add_lora(model, r=64, alpha=16, dropout=0.0, compute_dtype=torch.bfloat16)
+        model = M.Transformer(args).to(dtype)
+    Q.add_lora(model, r=64, alpha=16, dropout=0.0, compute_dtype=dtype)
     for m in Q.linears_4bit(model).values():
-        m.quantize_(torch.randn(m.out_features, m.in_features, device=device, dtype=torch.bfloat16) * 0.02)
-        m.set_lora(m.r, m.alpha, 0.0, device=device, dtype=torch.bfloat16)
+        m.quantize_(torch.randn(m.out_features, m.in_features, device=device, dtype=dtype) * 0.02)
+        m.set_lora(m.r, m.alpha, 0.0, device=device, dtype=dtype)
     dense = [model.model.embed_tokens, model.lm_head, model.model.norm] + \
         [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     for mod in dense:
@@ -437,39 +624,98 @@ def random_4bit_model(preset, device, n_layers=None):
     return model
 
 
-def scale_rows(preset, batches, device, quick):
-    """One timed training step per batch size (after a warm-up step) of a random 4-bit `preset` model."""
-    model, rows = random_4bit_model(preset, device, n_layers=2 if quick else None), []
+def scale_rows(preset, batches, device, n_layers=None, dtype=torch.bfloat16, seq=512, savings=SAVINGS):
+    """A random 4-bit `preset` model, built once; for each batch size and each setting of the savings, from the same
+    LoRA weights and with fresh optimizer states: a warm-up step, then one timed step. One dict per configuration:
+    its peaks over the timed step, its managed optimizer states, tokens/s and the loss of both steps."""
+    model, rows, cuda = random_4bit_model(preset, device, n_layers, dtype, seq), [], device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = PagedAdamW(params, lr=2e-4)  # the paper's; its fp32 moments live in managed memory, added below
-    for B in batches:
-        x = torch.randint(0, model.args.vocab_size, (B, 513), device=device)
+    init = [p.detach().to("cpu", copy=True) for p in params]  # host copies: outside the GPU's peaks
+    for B, (label, eight_bit, chunked, offload) in itertools.product(batches, savings):
+        with torch.no_grad():
+            for p, p0 in zip(params, init):
+                p.copy_(p0)
+        model.chunked_loss, model.offload_activations = chunked, offload  # as train.build_model sets them
+        ids = torch.randint(0, model.args.vocab_size, (B, seq + 1), generator=torch.Generator().manual_seed(B))
+        x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)  # the same batch for every setting
+        if cuda:  # the optimizer's managed states never oversubscribe the GPU (paged_adamw checks each one too)
+            need, free = sum(state_bytes(p.numel(), 8 if eight_bit else 32) for p in params), \
+                torch.cuda.mem_get_info(device)[0]
+            if need > free:
+                raise RuntimeError(f"scale {preset}, {label}: the optimizer states need {need / 2**30:.1f} GiB, the "
+                                   f"GPU has {free / 2**30:.1f} GiB free")
+        opt = (PagedAdamW8bit if eight_bit else PagedAdamW)(params, lr=2e-4, weight_decay=0.0)  # train.py's defaults
+        losses = []
 
-        def step():
-            F.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten()).backward()
+        def step():  # the mean loss over all tokens; full: the (B*T, vocab) logits, as train.py --chunked_loss=false
+            loss = model(x, targets=y) / y.numel()
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
         step()  # warm-up: Triton autotuning, the optimizer's states
-        torch.cuda.reset_peak_memory_stats(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t = timeit(step, device, reps=1, warmup=0)
-        rows.append([preset, f"{B} x 512", sig(torch.cuda.max_memory_allocated(device) / 2**30),
-                     sig(torch.cuda.max_memory_reserved(device) / 2**30),
-                     sig(8 * sum(p.numel() for p in params) / 2**30), sig(B * 512 / t)])
+        r = dict(model=preset if n_layers is None else f"{preset} ({n_layers} layers)", batch=f"{B} x {seq}",
+                 savings=label, tokens_s=B * seq / t, losses=losses,
+                 managed_gib=managed_bytes(s for st in opt.state.values() for s in st.values()) / 2**30)
+        if cuda:
+            r.update(alloc_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                     reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
+        rows.append(r)
+        print(" ", json.dumps(r), flush=True)  # as measured: a run cut short still shows what it got
+        del opt, step
+        gc.collect()  # the states (managed ones freed by their owner's __del__) before the next setting's
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
+def scale_plan(device, quick):
+    """(preset, layers or None for all, batch sizes): the paper's shapes on CUDA; --quick: 2 layers of them, or on
+    CPU the tiny preset (a smoke test of the loop: no memory columns, offloading a no-op there)."""
+    if not quick:
+        return [("7b", None, (1, 16)), ("65b", None, (1,))]
+    return [("7b", 2, (1, 2)), ("65b", 2, (1,))] if device.type == "cuda" else [("tiny", None, (1, 2))]
+
+
 def bench_scale(device, a, out):
-    if device.type != "cuda":
-        return say(out, "skipped: needs CUDA")
-    rows = scale_rows("7b", (1, 16), device, a.quick)
-    gc.collect()  # the 7B model and its paged states are gone with scale_rows' frame: free them now
-    torch.cuda.empty_cache()
-    rows += scale_rows("65b", (1,), device, a.quick)
-    say(out, "Random weights, NF4 + DQ quantized on the GPU; LoRA r=64 (bf16) on all linears; bf16 compute; "
-        "gradient checkpointing; PagedAdamW; one timed step after a warm-up step.\n")
-    table(out, ["model", "batch", "peak allocated GiB", "peak reserved GiB", "+ paged optimizer states GiB",
-                "tokens/s"], rows)
-    say(out, "\nThe paper: a 65B model fine-tunes in under 48 GB (here: allocated + paged states).")
+    cuda = device.type == "cuda"
+    if not (cuda or a.quick):
+        return say(out, "skipped: needs CUDA (--quick runs the loop on CPU with the tiny preset: a smoke test)")
+    (dtype, seq), rows = ((torch.bfloat16, 512) if cuda else (torch.float32, 64)), []
+    for preset, n_layers, batches in scale_plan(device, a.quick):
+        rows += scale_rows(preset, batches, device, n_layers, dtype, seq)
+        gc.collect()  # the model and its states are gone with scale_rows' frame: free them before the next one
+        if cuda:
+            torch.cuda.empty_cache()
+    dt = str(dtype).removeprefix("torch.")
+    say(out, f"Random weights, NF4 + DQ quantized on the {'GPU' if cuda else 'CPU'}; LoRA r=64 ({dt}) on all linears; "
+        f"{dt} compute; gradient checkpointing in every row. Each model is built once; for each batch the savings "
+        "are set on it as train.py's flags set them, each setting from the same LoRA weights with fresh states: a "
+        "warm-up step, then one timed step (the peaks are its own). Managed: the optimizer states in CUDA "
+        "managed memory (paged), summed from the state tensors the CUDA runtime reports as managed; torch's "
+        "allocated does not count them." + ("" if cuda else " CPU smoke run: no memory columns, and offloading is "
+                                            "CUDA only (a no-op here).") + "\n")
+    mem = (lambda r: [sig(r["alloc_gib"]), sig(r["reserved_gib"]), sig(r["managed_gib"]),
+                      sig(r["alloc_gib"] + r["managed_gib"])]) if cuda else lambda r: ["-", "-", sig(r["managed_gib"]),
+                                                                                        "-"]
+    table(out, ["model", "batch", "savings on", "peak allocated GiB", "peak reserved GiB",
+                "managed optimizer states GiB", "allocated + managed GiB", "tokens/s", "loss, steps 1 / 2"],
+          [[r["model"], r["batch"], r["savings"], *mem(r), sig(r["tokens_s"]), " / ".join(f"{l:.5f}" for l in
+                                                                                        r["losses"])] for r in rows])
+    for (m, b), group in itertools.groupby(rows, key=lambda r: (r["model"], r["batch"])):
+        group = list(group)
+        base, on = group[0], group[-1]
+        diff = max(abs(r["losses"][0] / base["losses"][0] - 1) for r in group)
+        say(out, f"\n{m}, {b}: step 1's loss, the same weights and batch in every setting, agrees within {diff:.1e} "
+            "relative (the savings are exact; the 8-bit states change only step 2)." + (
+                f" All three savings: {sig(base['alloc_gib'] + base['managed_gib'])} -> "
+                f"{sig(on['alloc_gib'] + on['managed_gib'])} GiB allocated + managed, "
+                f"{on['tokens_s'] / base['tokens_s']:.2f}x the tokens/s." if cuda else ""))
+    if cuda and not a.quick:
+        say(out, "\nThe paper: a 65B model fine-tunes in under 48 GB (here: allocated + managed).")
 
 # -----------------------------------------------------------------------------
 # reproduction: Table 2 at small scale, and QLoRA against 16-bit LoRA
@@ -617,14 +863,19 @@ def main(argv=None):
     ap.add_argument("--ckpt")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    # internal: one rank of the fsdp section, under torchrun
+    ap.add_argument("--dist", choices=DIST_MODES)
+    ap.add_argument("--dist_out")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     a.threads = a.threads or default_threads()
     if a.impl:
         return step_child(a, device)
+    if a.dist:
+        return dist_child(a, device)
     torch.set_num_threads(a.threads)
-    run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, scale=bench_scale, paper=bench_paper,
-               compile=bench_compile)
+    run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, fsdp=bench_fsdp, scale=bench_scale,
+               paper=bench_paper, compile=bench_compile)
     for name in [a.section] if a.section else ["paper"] if a.paper else DEFAULT_SECTIONS:
         print(f"\n== {TITLES[name]}", flush=True)
         out, t0 = [], time.time()

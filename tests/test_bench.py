@@ -39,3 +39,62 @@ def test_missing_peer_is_skipped_not_faked(tmp_path, monkeypatch, capsys):
 def test_figures_keep_three_significant_digits():
     assert [bench.sig(x) for x in (0.0000412, 0.0412, 1.234, 45.67, 1234.5, 0.0)] == \
         ["0.0000412", "0.0412", "1.23", "45.7", "1,234", "0"]
+
+
+def test_scale_rows_toggle_each_saving_on_one_model_and_agree(monkeypatch):
+    # the scale section's loop on CPU (tiny preset, fp32): a row per setting, each saving really switched (the 8-bit
+    # optimizer built, the chunked loss called in several chunks), and the loss of the step from the same weights
+    # the same in every setting: the chunked loss and offloading are exact, the 8-bit states change only later steps
+    torch = bench.torch
+    monkeypatch.setattr(bench.M, "CE_CHUNK_ELEMENTS", 256 * 16)  # tiny's vocab 256: 16 tokens a chunk, 8 chunks
+    chunked, made = [], []  # (tokens, chunk) of each chunked-loss call; each optimizer built, by class
+    apply = bench.M.ChunkedCrossEntropy.apply
+
+    def spy(h, weight, targets, chunk, grads):
+        chunked.append((h.size(0), chunk))
+        return apply(h, weight, targets, chunk, grads)
+    monkeypatch.setattr(bench.M.ChunkedCrossEntropy, "apply", spy)
+    for name in ("PagedAdamW", "PagedAdamW8bit"):
+        class Counted(getattr(bench, name)):
+            def __init__(self, *a, _name=name, **k):
+                made.append(_name)
+                super().__init__(*a, **k)
+        monkeypatch.setattr(bench, name, Counted)
+    rows = bench.scale_rows("tiny", (2,), torch.device("cpu"), dtype=torch.float32, seq=64)
+    assert [r["savings"] for r in rows] == [s[0] for s in bench.SAVINGS]
+    assert made == ["PagedAdamW8bit" if s[1] else "PagedAdamW" for s in bench.SAVINGS]
+    assert chunked == [(128, 16)] * 2 * sum(s[2] for s in bench.SAVINGS)  # 2 steps of each chunked setting
+    base = rows[0]["losses"]
+    for r, (_, eight_bit, _, _) in zip(rows, bench.SAVINGS):
+        assert r["batch"] == "2 x 64" and r["tokens_s"] > 0 and r["managed_gib"] == 0  # CPU: nothing is paged
+        assert len(r["losses"]) == 2
+        assert abs(r["losses"][0] / base[0] - 1) < 1e-5, (r["savings"], r["losses"], base)
+        if not eight_bit:  # the same update: the second step's loss agrees too
+            assert abs(r["losses"][1] / base[1] - 1) < 1e-5, (r["savings"], r["losses"], base)
+
+
+def test_fsdp_section_shards_the_base_as_train_py_does(tmp_path):
+    # 2 gloo ranks under torchrun, DDP then FSDP, through train.py's build_model / shard_model: each FSDP rank holds
+    # its part of the base (the parts add up to DDP's whole, each about half), and both modes train the same losses
+    out = tmp_path / "RESULTS.md"
+    bench.main(["--section=fsdp", "--quick", f"--out={out}"])
+    text = re.search(r"<!-- fsdp -->\n(.*?)<!-- /fsdp -->", out.read_text(), re.S).group(1)
+    rows = {}
+    for line in text.splitlines():  # | mode | rank of 2 | peaks x 3 | base bytes | ...
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in ("ddp", "fsdp"):
+            rows[cells[0], int(cells[1].split()[0])] = cells[2:]
+    assert sorted(rows) == [("ddp", 0), ("ddp", 1), ("fsdp", 0), ("fsdp", 1)], text
+    base = {k: int(v[3].replace(",", "")) for k, v in rows.items()}
+    assert base["ddp", 0] == base["ddp", 1] == base["fsdp", 0] + base["fsdp", 1]
+    assert all(abs(base["fsdp", r] - base["ddp", 0] / 2) < 0.05 * base["ddp", 0] for r in (0, 1)), base
+    for v in rows.values():  # the peaks are measured figures: each reads as a number
+        assert all(re.fullmatch(r"\d[\d,]*", c) for c in v[:3]), v
+    assert "the losses of both steps agree" in text
+
+
+def test_fsdp_section_on_one_gpu_says_it_needs_two(monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 1)
+    out = []
+    bench.bench_fsdp(bench.torch.device("cuda"), None, out)
+    assert out == ["skipped: needs 2 GPUs (this machine has 1)"]

@@ -579,7 +579,8 @@ def save_checkpoint(cfg, model, optimizer, step, base_path, params):
     if not is_main():
         return final
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-    fsync_save(dict(optimizer=opt_state, step=step, config=asdict(cfg), rng=rng), tmp / "trainer_state.pt")
+    fsync_save(dict(optimizer=opt_state, step=step, config=asdict(cfg), rng=rng, world=world_size()),
+               tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # the checkpoint exists whole or not at all
     fd = os.open(out, os.O_RDONLY)
@@ -600,6 +601,8 @@ def latest_checkpoint(out_dir):
 RESUME_MAY_CHANGE = {"max_steps", "lr", "max_grad_norm", "eval_interval", "eval_batches", "log_interval",
                      "ckpt_interval", "keep_ckpts", "eval_answers", "device", "deterministic", "resume", "overwrite",
                      "estimate", "out_dir", "fsdp", "nproc"}  # checkpoints hold whole tensors: DDP <-> FSDP both go
+# and the number of ranks may change with grad_accum, if grad_accum x ranks (micro-batches a step) stays: step s then
+# takes the same global micro-batches (MicroBatches) as before
 
 
 def load_checkpoint(cfg, model, path, compute_dtype, log):
@@ -607,9 +610,18 @@ def load_checkpoint(cfg, model, path, compute_dtype, log):
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if not (isinstance(state, dict) and {"optimizer", "step", "config", "rng"} <= state.keys()):
         raise M.CheckpointError(f"{path / 'trainer_state.pt'}: not a trainer state (no optimizer, step, config, rng)")
+    # checkpoints older than the "world" entry: taken as written by as many ranks as this run has
+    old_g, old_w = state["config"].get("grad_accum", Config.grad_accum), state.get("world", world_size())
+    if old_g * old_w != cfg.grad_accum * world_size():
+        raise ConfigError(f"{path}: the checkpoint's run took {old_g} micro-batches x {old_w} rank(s) a step, this "
+                          f"run {cfg.grad_accum} x {world_size()}: the global batch and the place in the data would "
+                          f"change; --resume with grad_accum x ranks = {old_g * old_w}, or use another --out_dir")
+    if (old_g, old_w) != (cfg.grad_accum, world_size()):
+        log(f"--resume: {old_w} -> {world_size()} ranks, grad_accum {old_g} -> {cfg.grad_accum} (the same global "
+            "batch)")
     for key, value in asdict(cfg).items():
         old = state["config"].get(key, getattr(Config, key))  # a setting newer than the checkpoint: its default
-        if old != value and key not in RESUME_MAY_CHANGE:
+        if old != value and key not in RESUME_MAY_CHANGE | {"grad_accum"}:
             raise ConfigError(f"{path}: checkpoint has {key}={old!r}, this run {key}={value!r}; --resume may change "
                               f"only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'estimate'}))}: "
                               "use the checkpoint's value, or another --out_dir")
@@ -702,6 +714,10 @@ def init_distributed(device):
 
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier(device):

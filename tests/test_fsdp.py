@@ -234,6 +234,28 @@ def test_fsdp_checkpoint_resumes_under_ddp(runs):
     check_same_run(d / "one", out)  # FSDP's steps 1-4 too
 
 
+def test_resume_under_other_ranks_keeps_the_global_batch(runs):
+    """The 2-rank FSDP run's step-4 checkpoint (2 micro-batches x 2 ranks a step) resumed by one process: with
+    grad_accum=4 it is the same run (the one-process run's steps 5 and 6); with grad_accum=2 the global batch and the
+    place in the data would change, which is an error that says so."""
+    d, _ = runs
+    out = d / "fsdp-one"
+    shutil.copytree(d / "fsdp2", out)
+    shutil.rmtree(out / "ckpt-000006")
+    shutil.rmtree(out / "adapter")
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(out) if r["step"] <= 4))
+    p = subprocess.run(train(1, f"--init_from={d / 'base'}", f"--grad_accum={GLOBAL // 2}", f"--max_steps={STEPS}",
+                             "--resume", f"--out_dir={out}"), cwd=ROOT, capture_output=True, text=True, timeout=HANG,
+                       env=env())
+    assert p.returncode != 0
+    assert "took 2 micro-batches x 2 rank(s) a step, this run 2 x 1" in p.stderr, p.stderr[-3000:]
+    assert max(losses(out)) == 4 and not (out / "adapter").exists()  # nothing written
+    p = run(train(1, f"--init_from={d / 'base'}", f"--grad_accum={GLOBAL}", f"--max_steps={STEPS}", "--resume",
+                  f"--out_dir={out}"))
+    assert "--resume: 2 -> 1 ranks, grad_accum 2 -> 4 (the same global batch)" in p, p[-3000:]
+    check_same_run(d / "one", out)
+
+
 def test_adapter_written_under_fsdp_loads_in_peft(runs):
     peft = pytest.importorskip("peft", reason="peft not installed: the FSDP adapter's PEFT format not checked")
     transformers = pytest.importorskip("transformers", reason="transformers not installed: no model for peft")

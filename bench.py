@@ -453,7 +453,7 @@ def dist_child(a, device):
     tokens of all ranks, clip_grads, the optimizer on local_shard's rows). Writes this rank's figures as json."""
     from torch.distributed.fsdp import FSDPModule
     from train import (Config, all_sum, build_model, clip_grads, fsdp_unit_bytes, init_distributed, local_shard,
-                       shard_model)
+                       optimizer_step, shard_model)
     world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if device.type == "cuda":  # as train.py: this rank's GPU, the current device for Triton and the streams
         device = torch.device("cuda", local_rank)
@@ -484,12 +484,7 @@ def dist_child(a, device):
         loss = net(x, targets=y)  # train.py's default chunked loss, summed over the tokens
         (loss * world / n_tokens).backward()
         clip_grads(params, cfg.max_grad_norm)
-        for p, s in zip(params, shards):
-            if s is not p:  # FSDP: the reduce-scattered gradient of this rank's rows
-                s.grad = None if p.grad is None else p.grad.to_local()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
+        optimizer_step(model, params, shards, opt)
         losses.append(all_sum(loss.detach()).item() / n_tokens)
     acc = Q.memory_account(model)  # this rank's bytes: its shards under FSDP, the whole model under DDP
     root, units = fsdp_unit_bytes(model)  # whole bytes: the root's own (head, final norm) and each FSDP unit's
@@ -789,16 +784,19 @@ def bench_paper(device, a, out):
     say(out, "\nMore models (larger, Hugging Face format with a sentencepiece tokenizer.model): --models=DIR,DIR.")
     from train import Config  # the fine-tune's settings: train.py's defaults, but for these
     (steps, batch), c = ((4, 8) if a.quick else (300, 32)), Config()
-    common = [f"--max_steps={steps}", f"--batch_size={batch}"] + ["--eval_answers=2"] * a.quick
+    common = ["--eval_answers=2"] * a.quick
+    short = [f"--max_steps={steps}", f"--batch_size={batch}"]  # the bundled base's row: the default run's own
     say(out, f"\n### QLoRA against 16-bit LoRA: the same fine-tune, data and seed (train.py: {steps} steps of batch "
-        f"{batch}, lr {c.lr}, LoRA r {c.lora_r} on all linears)\n")
+        f"{batch}; on the bundled pretrained base the default run's {c.max_steps} steps of batch {c.batch_size}"
+        f"{' (--quick: ' + str(steps) + ' of ' + str(batch) + ')' if a.quick else ''}; lr {c.lr}, LoRA r {c.lora_r} "
+        "on all linears)\n")
     rows, stories = [], ASSETS / "stories260K"
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("data/sample, tiny preset, random frozen base", ["--init_from=random"])]
+        runs = [("data/sample, tiny preset, random frozen base", ["--init_from=random", *short])]
         base16 = ROOT / "out" / "base16"  # the bundled pretrained base's fp32 weights: quantized on load for QLoRA
         if (base16 / "config.json").exists():
             runs.append(("data/sample, the bundled pretrained base (data/sample/pretrain.py)",
-                         [f"--init_from={base16}"]))
+                         [f"--init_from={base16}", *(short if a.quick else [])]))
         else:
             say(out, f"skipped: {base16} not present (python data/sample/pretrain.py --out_dir=out/base-nf4 "
                 "--out16=out/base16 writes it): no run on the bundled pretrained base")
@@ -807,7 +805,7 @@ def bench_paper(device, a, out):
             prepare(input_path=ROOT / "data" / "sample" / "sample.trees.jsonl", out_dir=Path(tmp) / "data",
                     tokenizer_path=stories / "tokenizer.model", verbose=False)
             runs.append(("data/sample, stories260K base (pretrained)",
-                         [f"--init_from={stories}", f"--data={tmp}/data"]))
+                         [f"--init_from={stories}", f"--data={tmp}/data", *short]))
         else:
             say(out, f"skipped: {stories} not present: no run on a pretrained base")
         for name, flags in runs:

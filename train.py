@@ -758,6 +758,17 @@ def fsdp_padding(model, world):
     return sum(p.shape[0] % world != 0 for p in params), len(params), pad
 
 
+def optimizer_step(model, params, shards, optimizer):
+    """The optimizer on this rank's rows (FSDP: local_shard's, handed their reduce-scattered gradients), then every
+    gradient cleared."""
+    for p, s in zip(params, shards):
+        if s is not p:
+            s.grad = None if p.grad is None else p.grad.to_local()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+
+
 def grad_sync(net, on):
     """DDP all-reduces, FSDP reduce-scatters, the gradients in the backward of a step's last micro-batch only: the
     others accumulate locally (FSDP: unsharded, so for G > 1 each rank holds the whole LoRA gradients meanwhile)."""
@@ -953,12 +964,7 @@ def train(cfg):
             raise TrainingError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step "
                                 f"{step + 1}; nothing was saved for it. Last good checkpoint: {last or 'none'}. "
                                 "Lower --lr or --max_grad_norm and resume with --resume")
-        for p, s in zip(params, shards):
-            if s is not p:  # FSDP: the reduce-scattered gradient of this rank's rows
-                s.grad = None if p.grad is None else p.grad.to_local()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
+        optimizer_step(model, params, shards, optimizer)
         step += 1
         losses.append(step_loss)
         n_seen += sum(x.numel() for x, _ in micro)

@@ -287,18 +287,22 @@ if triton is not None:
     # On a GPU the fused matmul picks its tiles per (M bucket, N, K, direction, DQ, dtypes). It serves few tokens,
     # so BLOCK_M comes from the host and the list spans weight tiles: narrow ones with long byte runs keep many
     # programs and bytes in flight when N (forward) or K (backward) is the only parallelism. The dequantized fp32
-    # W tile lives in registers, 2 * BLOCK_N * BLOCK_KB values per program, so 4 warps take at most 2048 bytes of
-    # B per tile and 8 warps 4096: larger ones (64 x 64 on 4 warps, 16 x 256 or 32 x 128 on 4) spill up to 1.6 KB a
-    # thread or exceed an A100's shared memory. Compiled for sm_80 and sm_90 (bench/compile.py, Triton 3.9) at every
-    # preset's layer shapes, bf16 and fp16, BLOCK_M 16-64 and M = 1: all within shared memory (at most 112 KiB),
-    # no spills for 16 tokens in bf16 with DQ at a 7B layer (tests/test_compile.py checks that set). Each config
-    # spills 8-44 bytes in one or two other specializations, at 80-168 registers (far from the 255 cap, unlike the
-    # pressure spills above);
-    # on sm_90 the cases checked spill nothing when ptxas runs without the --regAllocOptLevel=2 that Triton 3.9
-    # adds (bench/RESULTS.md). Which tile is fastest is PROVISIONAL: no GPU has timed them yet.
+    # W tile lives in registers, 2 * BLOCK_N * BLOCK_KB values per program: larger ones (64 x 64 on 4 warps, 16 x 256
+    # or 32 x 128 on 4) spill up to 1.6 KB a thread or exceed an A100's shared memory. The list keeps only tiles that
+    # bench/compile.py compiled for sm_80 and sm_90 without a spill and within shared memory (at most 74 KiB) in
+    # every specialization the presets launch (each layer shape, tiny to llama2-70b; bf16 and fp16; DQ or not;
+    # BLOCK_M 16-64 and M = 1; forward and backward), with Triton 3.9 (ptxas 12.9 for sm_80, 13.4 for sm_90, both
+    # with --regAllocOptLevel=2) and with 3.6 (ptxas 12.8; the GPU machine's): 192 compiles a target each, at most
+    # 223 registers with 3.9 (with 3.6 on sm_80, 16 x 128 on 4 warps takes all 255 at M = 64 backward, unspilled).
+    # Small spills (8-44 bytes at 64, 80, 96, 128 or 168 registers: ptxas aiming at an occupancy step, far from the
+    # 255 cap) come and go with the ptxas, warps and stages: of 32 tiles compiled in bf16 with 3.9, 8 never spilled
+    # (the former list, 16 x 64, 32 x 64, 64 x 32 on 4 warps and 32 x 128, 64 x 64, 128 x 32 on 8, 3 stages,
+    # spilled in 20 of its 576 compiles), and 32 x 64 (3 stages) and 64 x 32 (2) on 8 warps, clean with 3.9, spill
+    # 12 bytes with 3.6. No tile with BLOCK_N = 64 was clean with both. Which tile is fastest is PROVISIONAL: no
+    # GPU has timed them yet.
     _matmul_4bit_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb}, num_warps=w, num_stages=3)
-                 for bn, bkb, w in [(16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 8), (64, 64, 8), (128, 32, 8)]],
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb}, num_warps=w, num_stages=st)
+                 for bn, bkb, w, st in [(16, 64, 8, 3), (16, 128, 8, 3), (32, 32, 8, 3), (16, 128, 4, 2)]],
         key=["BLOCK_M", "N", "K", "TRANSPOSE", "DOUBLE_QUANT"],
     )(_matmul_4bit_kernel)
 

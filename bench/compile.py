@@ -166,7 +166,7 @@ def specializations(quick):
             for i, cfg in enumerate(configs):
                 k, g = kw, grid
                 if cfg is not None:  # an autotuned launch: compile each config, as the autotuner would
-                    k = {**kw, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                    k = {**kw, **cfg.all_kwargs()}  # BLOCK_*, num_warps, num_stages (and maxnreg, where set)
                     g = grid(k)
                 spec = (name, i, tuple(str(a) if isinstance(a, torch.dtype) else
                                        ("1" if a == 1 else f"d{a % 16 == 0}") if isinstance(a, int) and
@@ -201,8 +201,9 @@ def specializations(quick):
 
 
 def _config(c):
-    """A fused-matmul config as BLOCK_N x BLOCK_KB, warps, stages."""
-    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_KB']} w{c.num_warps} s{c.num_stages}"
+    """A fused-matmul config as BLOCK_N x BLOCK_KB, warps, stages (and ptxas' register bound, where set)."""
+    return (f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_KB']} w{c.num_warps} s{c.num_stages}" +
+            (f" maxnreg {c.maxnreg}" if c.maxnreg else ""))
 
 
 _PTXAS = re.compile(r"Used (\d+) registers|(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -263,9 +264,13 @@ def _fresh_cache(root):
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=root)
 
 
-def run(quick=False, archs=(80, 90), jobs=1, kernel_names=tuple(KERNELS), echo=print):
-    """Compile the set, echo one line per specialization as it finishes, return the results."""
-    work = [(j, arch) for j in specializations(quick) if j[1] in kernel_names for arch in archs]
+def run(quick=False, archs=(80, 90), jobs=1, kernel_names=tuple(KERNELS), echo=print, match=None):
+    """Compile the set (only the labels that the regular expression `match` finds, when given), echo one line per
+    specialization as it finishes, return the results."""
+    work = [(j, arch) for j in specializations(quick) if j[1] in kernel_names and
+            (match is None or re.search(match, j[0])) for arch in archs]
+    if not work:  # a --match that finds nothing would otherwise report a clean (empty) set
+        raise SystemExit(f"no specialization to compile (kernels {', '.join(kernel_names)}, match {match!r})")
     echo(f"{len(work)} compiles ({len(work) // len(archs)} specializations x sm_{', sm_'.join(map(str, archs))}), "
          f"{jobs} process(es), triton {triton.__version__}")
     results = []
@@ -312,15 +317,20 @@ def main(argv=None):
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     ap.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 8)), help="compile processes")
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")
-    ap.add_argument("--configs", help="replace the fused matmul's autotune list, e.g. 32,64,4,3;64,64,8,3 "
-                                      "(BLOCK_N, BLOCK_KB, num_warps, num_stages): see what a list would cost")
+    ap.add_argument("--configs", help="replace the fused matmul's autotune list, e.g. 32,64,4,3;64,64,8,3,255 "
+                                      "(BLOCK_N, BLOCK_KB, num_warps, num_stages[, maxnreg]): see what a list would "
+                                      "cost")
+    ap.add_argument("--match", help="compile only the specializations whose label this regular expression finds, "
+                                    "e.g. 'bf16' or 'backward .*M=(1|64) ' (labels as printed: kernel, direction, "
+                                    "dtype, dq, tokens, first shape, config)")
     a = ap.parse_args(argv)
     if a.configs:
         kernels._matmul_4bit_tuned.configs = [
-            triton.Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=st)
-            for n, kb, w, st in (map(int, c.split(",")) for c in a.configs.split(";"))]
+            triton.Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=st, maxnreg=(r or [None])[0])
+            for n, kb, w, st, *r in (map(int, c.split(",")) for c in a.configs.split(";"))]
     t = time.time()
-    results = run(a.quick, tuple(int(x) for x in a.arch.split(",")), a.jobs, tuple(a.kernels.split(",")))
+    results = run(a.quick, tuple(int(x) for x in a.arch.split(",")), a.jobs, tuple(a.kernels.split(",")),
+                  match=a.match)
     print("\n".join(["", *summary(results), "", f"{len(results)} compiles in {time.time() - t:.0f} s"]))
     return 1 if any(problems(r) for r in results) else 0
 

@@ -451,9 +451,8 @@ def dist_child(a, device):
     build_model (streamed and quantized tensor by tensor; under FSDP into this rank's shards by load_sharded),
     wrapped as train.py wraps it (DDP, or FSDP2 by shard_model), and stepped as its loop steps (loss summed over the
     tokens of all ranks, clip_grads, the optimizer on local_shard's rows). Writes this rank's figures as json."""
-    from torch.distributed.fsdp import FSDPModule
-    from train import (Config, all_sum, build_model, clip_grads, fsdp_unit_bytes, init_distributed, local_shard,
-                       optimizer_step, shard_model)
+    from train import (Config, all_sum, build_model, clip_grads, end_distributed, fsdp_unit_bytes, init_distributed,
+                       is_fsdp, local_shard, optimizer_step, shard_model)
     world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if device.type == "cuda":  # as train.py: this rank's GPU, the current device for Triton and the streams
         device = torch.device("cuda", local_rank)
@@ -467,7 +466,7 @@ def dist_child(a, device):
     torch.manual_seed(cfg.seed)  # train.py under FSDP: the same adapter init on every rank (DDP broadcasts rank 0's)
     model = build_model(cfg, M.load_args(a.ckpt).vocab_size, device, compute, compute)
     if cfg.fsdp:
-        net = model if isinstance(model, FSDPModule) else shard_model(model, device)
+        net = model if is_fsdp(model) else shard_model(model, device)
     else:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                         broadcast_buffers=False)
@@ -504,7 +503,7 @@ def dist_child(a, device):
         rss_mib("VmHWM")
     r.update(process_peak_mib=max(r["build_peak_mib"], r["step_peak_mib"]), losses=losses)
     (Path(a.dist_out) / f"{a.dist}-rank{rank}.json").write_text(json.dumps(r))
-    dist.destroy_process_group()
+    end_distributed(device)
 
 
 def bench_fsdp(device, a, out):

@@ -24,9 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import model as M
@@ -240,7 +237,7 @@ def build_model(cfg, vocab_size, device, dtype, compute_dtype):
         torch.manual_seed(cfg.seed)  # a random frozen base, reproducible from the seed
         model = M.Transformer(M.get_args("tiny", vocab_size=vocab_size)).to(device=device, dtype=dtype)
         Q.add_lora(model, **lora)
-    if not isinstance(model, FSDPModule):  # (a sharded model got its dtype before it was sharded)
+    if not is_fsdp(model):  # (a sharded model got its dtype before it was sharded)
         set_lora_dtype(model, cfg, compute_dtype)
     model.grad_checkpoint = cfg.grad_checkpoint
     model.offload_activations, model.chunked_loss = cfg.offload_activations, cfg.chunked_loss
@@ -287,9 +284,14 @@ def load_sharded(cfg, path, device, dtype, compute_dtype, lora):
 
 def copy_rows(p, whole):
     """Copy into the (FSDP-sharded) parameter p this rank's rows of the whole tensor, or all of it into a plain one."""
-    if isinstance(p, DTensor):
-        whole = distribute_tensor(whole.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
-    local_shard(p).copy_(whole)
+    local_shard(p).copy_(rows_of(whole, p) if is_dtensor(p) else whole)
+
+
+def rows_of(whole, p):
+    """This rank's rows of a whole tensor shaped as the DTensor p, cut locally (src_data_rank=None: every rank has
+    the whole, so nothing is sent)."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(whole.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def set_lora_dtype(model, cfg, compute_dtype):
@@ -424,7 +426,7 @@ def memory_plan(cfg, model, batch, seq, compute_bytes, cuda=True, nproc=1):
     lora = [p for p in model.parameters() if p.requires_grad]
     numels = [Q.local_bytes(p) // p.element_size() for p in lora]  # under FSDP: this rank's rows
     lora_numel = sum(numels)
-    sharded = any(isinstance(p, DTensor) for p in lora)
+    sharded = any(is_dtensor(p) for p in lora)
     tokens = batch * seq
     # per block, the tensors autograd keeps (elements per token): norms, q/k/v/attention/o (about 10 * dim),
     # the SwiGLU's gate, up, silu and product (4 * hidden), LoRA dropout copies of the 7 inputs when dropout > 0
@@ -546,9 +548,9 @@ def whole_optimizer_state(optimizer, params):
     sd = optimizer.state_dict()
     for k, s in sd["state"].items():
         p = params[k]
-        for name, x in s.items() if isinstance(p, DTensor) else ():
+        for name, x in s.items() if is_dtensor(p) else ():
             if torch.is_tensor(x) and x.dim() > 0:  # the moments (the step count is a scalar)
-                whole = DTensor.from_local(x.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                whole = type(p).from_local(x.to(p.device), p.device_mesh, p.placements, shape=p.shape,
                                            stride=p.stride()).full_tensor()
                 s[name] = whole.cpu() if is_main() else None
     return sd
@@ -558,9 +560,9 @@ def sharded_optimizer_state(sd, params):
     """The inverse, at --resume: each rank keeps its own rows of every whole moment, without communication."""
     for k, s in sd["state"].items():
         p = params[k]
-        for name, x in s.items() if isinstance(p, DTensor) else ():
+        for name, x in s.items() if is_dtensor(p) else ():
             if torch.is_tensor(x) and x.dim() > 0:
-                s[name] = distribute_tensor(x.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+                s[name] = rows_of(x, p)
     return sd
 
 
@@ -568,7 +570,7 @@ def save_checkpoint(cfg, model, optimizer, step, base_path, params):
     """Every rank calls it: under FSDP the adapter and the optimizer's moments are gathered whole; rank 0 writes."""
     out = Path(cfg.out_dir)
     final, tmp = out / f"ckpt-{step:06d}", out / f"ckpt-{step:06d}.tmp"
-    if not is_main() and not any(isinstance(p, DTensor) for p in params):
+    if not is_main() and not any(is_dtensor(p) for p in params):
         return final  # unsharded (DDP): rank 0 alone has anything to do
     opt_state = whole_optimizer_state(optimizer, params)
     if is_main():
@@ -630,7 +632,7 @@ def load_checkpoint(cfg, model, path, compute_dtype, log):
     if state["step"] > cfg.max_steps:
         raise ConfigError(f"{path}: the checkpoint is at step {state['step']}, past --max_steps={cfg.max_steps}; "
                           "raise --max_steps to go on")
-    if isinstance(model, FSDPModule):  # sharded as it loaded: the adapter goes into this rank's rows
+    if is_fsdp(model):  # sharded as it loaded: the adapter goes into this rank's rows
         load_adapter_rows(model, path)
     else:
         Q.load_adapter(model, path)  # new lora_A / lora_B modules: the optimizer must be built after this
@@ -725,6 +727,31 @@ def barrier(device):
         dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
 
 
+def end_distributed(device):
+    """Every rank leaves the process group here, at the end of a run. ProcessGroupGloo's destructor (it runs when the
+    last holder of the group is freed: DDP's reducer, FSDP's mesh) joins its worker threads while holding the GIL, and
+    a worker still freeing the tensors of a collective that just finished needs the GIL to drop their Python objects:
+    a deadlock, seen in 1 of ~12 two-rank CPU runs (the pytorch/pytorch#190489 race). The barrier's own work holds no
+    tensors, and the pause after it (the GIL released) lets the workers finish freeing what came before."""
+    if dist.is_initialized():
+        barrier(device)
+        time.sleep(0.2)
+        dist.destroy_process_group()
+
+
+def is_dtensor(x):
+    """A DTensor (an FSDP-sharded parameter), checked without importing torch.distributed.tensor: that import costs
+    every start-up a second, and no DTensor exists before something (shard_model) has imported it."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(x, mod.DTensor)
+
+
+def is_fsdp(module):
+    """A module that fully_shard has sharded (the same lazy check as is_dtensor)."""
+    mod = sys.modules.get("torch.distributed.fsdp")
+    return mod is not None and isinstance(module, mod.FSDPModule)
+
+
 def all_sum(x):
     """Sum a tensor over ranks in place; x must already be on the training device."""
     if dist.is_initialized():
@@ -741,6 +768,8 @@ def shard_model(model, device):
     rows, maybe none), so every preset shards. The embeddings are a unit of their own; the root keeps the final
     norm and the head, gathered from its forward to its backward (the chunked loss reads the head's weight itself,
     without calling the module, so the head cannot be a unit whose hooks gather it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for m in fsdp_units(model):
         fully_shard(m, mesh=mesh)
@@ -752,7 +781,7 @@ def fsdp_padding(model, world):
     """FSDP2 stores ceil(rows / world) rows of each parameter on every rank, zero-padded where its dim 0 does not
     divide by world (the DTensor shards of the last ranks are views of fewer rows, maybe none): how many parameters
     pad, of how many, and the bytes of padding this rank stores (what FSDP2 allocates: checked on the tiny preset)."""
-    params = [p for p in model.parameters() if isinstance(p, DTensor) and p.dim() > 0]
+    params = [p for p in model.parameters() if is_dtensor(p) and p.dim() > 0]
     pad = sum((-(-p.shape[0] // world) - p.to_local().shape[0]) * math.prod(p.shape[1:]) * p.dtype.itemsize
               for p in params)
     return sum(p.shape[0] % world != 0 for p in params), len(params), pad
@@ -772,7 +801,7 @@ def optimizer_step(model, params, shards, optimizer):
 def grad_sync(net, on):
     """DDP all-reduces, FSDP reduce-scatters, the gradients in the backward of a step's last micro-batch only: the
     others accumulate locally (FSDP: unsharded, so for G > 1 each rank holds the whole LoRA gradients meanwhile)."""
-    if isinstance(net, FSDPModule):
+    if is_fsdp(net):
         net.set_requires_gradient_sync(on)
     elif isinstance(net, torch.nn.parallel.DistributedDataParallel) and not on:
         return net.no_sync()
@@ -782,13 +811,13 @@ def grad_sync(net, on):
 def local_shard(p):
     """The rows of p this rank holds and updates: under FSDP the DTensor's local tensor (its storage), else p."""
     with torch.no_grad():
-        return p.to_local() if isinstance(p, DTensor) else p
+        return p.to_local() if is_dtensor(p) else p
 
 
 def clip_grads(params, max_norm):
     """torch's clip_grad_norm_ (the same two calls), with the norm over every rank's shards under FSDP."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    norm = norm.full_tensor() if is_dtensor(norm) else norm
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
@@ -888,7 +917,7 @@ def train(cfg):
     # DDP and FSDP: two settings of one loop. `net` runs the steps; under FSDP it is the model itself, sharded in
     # place, whose parameters are then DTensors (after the adapter is loaded, before the optimizer sees them)
     if cfg.fsdp:
-        net = model if isinstance(model, FSDPModule) else shard_model(model, device)  # sharded as it loaded, or now
+        net = model if is_fsdp(model) else shard_model(model, device)  # sharded as it loaded, or now
         a = Q.memory_account(model)
         held = torch.zeros(world, dtype=torch.int64, device=device)
         held[rank] = a["quantized_bytes"] + a["constant_bytes"]
@@ -998,8 +1027,7 @@ def train(cfg):
             log(f"held-out answers: {overall_accuracy(acc0):.0%} before -> {overall_accuracy(acc):.0%} after "
                 "fine-tuning (exact match; " +
                 ", ".join(f"{t} {acc0[t][0] / n:.0%} -> {r / n:.0%} of {n}" for t, (r, n) in acc.items()) + ")")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed(device)
     return losses
 
 

@@ -15,14 +15,14 @@ COMMON = ["--device=cpu", "--batch_size=8", "--eval_answers=0", "--log_interval=
 TOL = 1e-4  # relative: the same sums, added in another order (all-reduce of two halves vs one process)
 
 
-def run(cmd, timeout=1200):  # hang guards only: a loaded 2-core machine is slow
+def run(cmd, timeout=300):  # hang guards only (a 2-rank run takes 10-30 s on a loaded 2-core machine)
     # one thread per process (torchrun's own default for several ranks): on a 2-core machine two ranks with two
     # threads each oversubscribe the cores and slow to a crawl
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def torchrun(*args, timeout=1200):
+def torchrun(*args, timeout=300):
     return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args],
                timeout)
 

@@ -1,6 +1,6 @@
 # The default run end to end: the bundled pretrained base (data/sample/pretrain.py) and the default fine-tune on it.
 # The pretraining text never holds a held-out prompt, a short pretraining run repeats itself bit for bit, the
-# committed base knows the held-out facts in plain form, and a shortened default fine-tune answers held-out prompts
+# committed base knows the held-out facts in plain form, and the default fine-tune answers held-out prompts
 # in the chat format, through sample.py as the README shows it.
 import json
 import random
@@ -82,18 +82,19 @@ def test_bundled_base_knows_heldout_facts():
 
 
 def test_default_run_answers_heldout_prompts(tmp_path):
-    """The default fine-tune, shortened: before it the base answers no chat prompt; after it, held-out prompts of
-    every task are answered, and sample.py prints the README's answers."""
-    p = subprocess.run([sys.executable, "train.py", "--max_steps=300", "--eval_answers=40", "--eval_interval=1000",
-                        "--log_interval=1000", f"--out_dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    """The README's default run end to end, as a new user runs it: `python train.py` (only its out_dir moved) on the
+    bundled base; before it the base answers no chat prompt, after it at least 90% of the 100 held-out prompts of
+    every task (issue 17's bar), and the README's sample commands print the README's answers. The whole run, not a
+    shortened one: at 300 steps the add task is at ~82%, and which prompts it misses depends on the CPU's low bits."""
+    p = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     line = next(l for l in p.stdout.splitlines() if l.startswith("held-out answers: "))
     print(line)
-    per_task = {t: (int(a), int(b)) for t, a, b in re.findall(r"(\w+) (\d+)% -> (\d+)% of 40", line)}
+    per_task = {t: (int(a), int(b)) for t, a, b in re.findall(r"(\w+) (\d+)% -> (\d+)% of 100", line)}
     assert per_task.keys() == {"What", "Reverse", "Count"}, line
-    # measured at 300 steps (100 prompts each): add 82%, reverse 99%, count 98%; the full default run has 90%+ each
-    assert all(before <= 5 and after >= 65 for before, after in per_task.values()), line
+    # measured (two CPUs): add 92-97%, reverse 100%, count 99-100%
+    assert all(before <= 5 and after >= 90 for before, after in per_task.values()), line
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(BASE)
     for prompt, answer in README_PROMPTS.items():

@@ -486,7 +486,7 @@ def dist_child(a, device):
         optimizer_step(model, params, shards, opt)
         losses.append(all_sum(loss.detach()).item() / n_tokens)
     acc = Q.memory_account(model)  # this rank's bytes: its shards under FSDP, the whole model under DDP
-    root, units = fsdp_unit_bytes(model)  # whole bytes: the root's own (head, final norm) and each FSDP unit's
+    root, units = fsdp_unit_bytes(model)  # whole bytes: the replicated (embeddings, final norm, head), each unit's
     r = dict(rank=rank, world=world, base_bytes=acc["quantized_bytes"] + acc["constant_bytes"],
              other_frozen_bytes=acc["unquantized_bytes"], lora_bytes=acc["lora_bytes"], root_bytes=root,
              max_unit_bytes=max(units))
@@ -537,8 +537,8 @@ def bench_fsdp(device, a, out):
         f"{n_params / 1e6:.1f}M parameters, NF4 + DQ, LoRA r=16 on all linears), 2 ranks under torchrun "
         f"({'nccl, bf16' if cuda else 'gloo, fp32, 1 thread each'}), each with its own batch of {B} x {T}. Each rank "
         "runs train.py's own code: build_model (the checkpoint streamed and quantized tensor by tensor; under FSDP "
-        "straight into the rank's shards, load_sharded), DDP or shard_model (FSDP2: each block and the embeddings a "
-        "unit, the root keeping the head), and its loop's step (chunked loss, clip_grads, PagedAdamW on the rank's "
+        "straight into the rank's shards, load_sharded), DDP or shard_model (FSDP2: each block a unit; embeddings, "
+        "final norm and head whole on every rank), and its loop's step (chunked loss, clip_grads, PagedAdamW on the rank's "
         f"rows), a warm-up step then a timed one. {peaks}\n")
     table(out, ["mode", "rank", f"peak {what} over the steps MiB", f"process peak {what} MiB",
                 f"{what} before the steps MiB", "4-bit base + constants held, bytes",
@@ -551,17 +551,16 @@ def bench_fsdp(device, a, out):
     saved = [d["step_peak_mib"] - f["step_peak_mib"] for d, f in zip(res["ddp"], res["fsdp"])]
     half = base / 2 / 2**20
     d0 = res["ddp"][0]
-    gathered = d0["root_bytes"] + 2 * d0["max_unit_bytes"]  # train.memory_plan's "all-gathered, transient" line
+    gathered = 2 * d0["max_unit_bytes"]  # train.memory_plan's "all-gathered, transient" line
     say(out, f"\nDDP's step peak minus FSDP's, ranks 0 and 1: {saved[0]:+,.0f} and {saved[1]:+,.0f} MiB. Half the "
         f"4-bit base's bytes (codes + constants, {base:,} bytes whole): {half:,.1f} MiB; the measured saving is "
         f"{saved[0] - half:+,.0f} and {saved[1] - half:+,.0f} MiB from it: FSDP's per-rank peak is "
         + ("lower by at least half the base here." if min(saved) >= half else "NOT lower by half the base here.")
-        + f" What each rank holds besides: FSDP shards the 16/32-bit frozen parameters too (embeddings, norms, head; "
-        f"half of all frozen bytes: {mib(frozen / 2)} MiB), but gathers the root's own (head and final norm, "
-        f"{mib(d0['root_bytes'])} MiB) whole from forward to backward and each unit (the largest "
-        f"{mib(d0['max_unit_bytes'])} MiB) whole while it runs, with the next one prefetched: train.py's memory plan "
-        f"counts head + 2 units, {mib(gathered)} MiB, so by its count FSDP's step needs "
-        f"{(gathered - frozen / 2) / 2**20:+,.1f} MiB against DDP's (activations alike).")
+        + f" Besides its half of each block, an FSDP rank holds the embeddings, final norm and head whole, as DDP "
+        f"does ({mib(d0['root_bytes'])} MiB), and gathers each block whole while it runs (the largest "
+        f"{mib(d0['max_unit_bytes'])} MiB) with the next one prefetched: train.py's memory plan counts 2 units, "
+        f"{mib(gathered)} MiB, so by its count FSDP's step needs {(gathered - base / 2) / 2**20:+,.1f} MiB against "
+        f"DDP's (activations alike; gloo's buffers come on top).")
     same = all(math.isclose(l1, l2, rel_tol=1e-4) for d, f in zip(res["ddp"], res["fsdp"])
                for l1, l2 in zip(d["losses"], f["losses"]))
     say(out, "The two modes train the same: the losses of both steps " + ("agree (within 1e-4 relative)." if same else

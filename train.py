@@ -448,14 +448,15 @@ def memory_plan(cfg, model, batch, seq, compute_bytes, cuda=True, nproc=1):
         plan["saved: chunked loss"] = (chunk - tokens) * logit_bytes + tokens * args.dim * compute_bytes
     if cfg.offload_activations and cfg.grad_checkpoint and cuda:  # two inputs on the GPU: one in use, one in flight
         plan["saved: block inputs offloaded to host"] = -(inputs - 2 * tokens * args.dim) * compute_bytes
-    if nproc > 1:  # FSDP planned for a whole model: what is sharded is 1/nproc (rounded up), activations are not
-        shared = ["4-bit base weights", "quantization constants", "16-bit parameters (embeddings, norms, head)",
-                  "LoRA parameters", "optimizer states (2 x fp32)", "saved: 8-bit optimizer states"]
+    if nproc > 1:  # FSDP planned for a whole model: what is sharded is 1/nproc (rounded up), activations are not;
+        # the 16-bit parameters stay whole (replicated_params; the blocks' norms, a few KB, are counted whole too)
+        shared = ["4-bit base weights", "quantization constants", "LoRA parameters", "optimizer states (2 x fp32)",
+                  "saved: 8-bit optimizer states"]
         shared += ["LoRA gradients"] if cfg.grad_accum == 1 else []  # else they accumulate whole
         plan.update({k: -(-plan[k] // nproc) for k in shared if k in plan})
     if nproc > 1 or sharded:
-        root, units = fsdp_unit_bytes(model)  # the root all along, and a running unit with the prefetched next
-        plan["all-gathered, transient: head + 2 units"] = root + 2 * max(units)
+        _, units = fsdp_unit_bytes(model)  # a running unit with the prefetched next
+        plan["all-gathered, transient: 2 units"] = 2 * max(units)
     plan["total"] = sum(plan.values())
     return plan, a
 
@@ -467,15 +468,23 @@ def print_plan(plan, account):
 
 
 def fsdp_units(model):
-    """What shard_model gathers one at a time: each block, and the embeddings unless the head shares their weight
-    (a tied weight belongs to two modules: it stays with the root)."""
-    return list(model.model.layers) + ([] if model.args.tie_embeddings else [model.model.embed_tokens])
+    """What shard_model shards and gathers one at a time: the blocks."""
+    return list(model.model.layers)
+
+
+def replicated_params(model):
+    """What FSDP leaves whole on every rank, as DDP does: the parameters outside the blocks, all frozen (embeddings,
+    final norm, head). Sharded, they would be gathered at the root's forward and held to the end of its backward
+    (the chunked loss reads the head's weight itself), the embeddings with them at the start: no peak would drop,
+    and each step would add their all-gather."""
+    in_units = {id(p) for m in fsdp_units(model) for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in in_units]
 
 
 def fsdp_unit_bytes(model):
-    """Whole bytes of the root's own parameters (head, final norm) and of each unit of fsdp_units."""
+    """Whole bytes of the replicated parameters (replicated_params) and of each unit of fsdp_units."""
     units = [sum(p.nbytes for p in m.parameters()) for m in fsdp_units(model)]
-    return sum(p.nbytes for p in model.parameters()) - sum(units), units
+    return sum(p.nbytes for p in replicated_params(model)), units
 
 
 def estimate_only(cfg):
@@ -765,15 +774,17 @@ def shard_model(model, device):
     just before the block runs and freed after, in forward and in backward (where gradient checkpointing's
     recompute runs on the gathered weights: FSDP2 skips its forward hooks then); the LoRA gradients are
     reduce-scattered. FSDP2 pads a dim 0 that does not divide by the number of ranks (the last ranks hold fewer
-    rows, maybe none), so every preset shards. The embeddings are a unit of their own; the root keeps the final
-    norm and the head, gathered from its forward to its backward (the chunked loss reads the head's weight itself,
-    without calling the module, so the head cannot be a unit whose hooks gather it)."""
+    rows, maybe none), so every preset shards. The embeddings, final norm and head stay whole on every rank
+    (replicated_params: FSDP's ignored_params, frozen, so nothing of theirs is ever reduced); the root unit only
+    schedules the blocks' gathers."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    whole = replicated_params(model)
+    assert not any(p.requires_grad for p in whole), "LoRA lives in the blocks: FSDP would not reduce these gradients"
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for m in fsdp_units(model):
         fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(whole))  # the root: schedules the units, shards nothing
     return model
 
 

@@ -157,8 +157,9 @@ def three(runs):
 def fsdp_padding(model, n):
     """What FSDP2 does with dim 0 of each parameter over n ranks: torch.chunk's split (ceil(rows / n) rows a rank,
     the last ranks fewer, maybe none), each rank storing ceil(rows / n) rows, zero-padded. Returns the parameters that
-    pad, all parameters, the largest padding of a rank in bytes, and the names of those some rank holds no row of."""
-    params = {k: p for k, p in model.named_parameters() if p.dim() > 0}
+    pad, all parameters, the largest padding of a rank in bytes, and the names of those some rank holds no row of.
+    Only the blocks' parameters are sharded: the embeddings, final norm and head stay whole on every rank."""
+    params = {k: p for k, p in model.named_parameters() if p.dim() > 0 and k.startswith("model.layers.")}
     pad, empty = [0] * n, []
     for k, p in params.items():
         chunk = -(-p.shape[0] // n)

@@ -74,6 +74,30 @@ def test_estimate_plans(preset, capsys):
         assert rows["total"] * 2**20 < 48e9  # fits a 48 GB GPU, the paper's claim
 
 
+def plan_rows(argv, capsys):
+    T.main(argv)
+    return {line[:50].strip(): float(line[50:].replace(",", "").split()[0])
+            for line in capsys.readouterr().out.splitlines() if line.endswith("MiB")}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_fsdp_estimate_plans_each_gpu(n, capsys):
+    """--estimate --fsdp=true --nproc=N: what FSDP shards (the blocks: 4-bit weights, constants, LoRA, moments) is
+    1/N of the one-GPU plan, rounded up; the embeddings, norms and head stay whole; two of the largest block are
+    gathered at once; activations are per GPU."""
+    args = ["--model=llama2-70b", "--estimate", "--batch_size=1", "--max_seq_len=512"]
+    one, per = plan_rows(args, capsys), plan_rows(args + ["--fsdp=true", f"--nproc={n}"], capsys)
+    for k in ("4-bit base weights", "quantization constants", "LoRA parameters", "optimizer states (2 x fp32)"):
+        assert per[k] == pytest.approx(one[k] / n, abs=0.1), k  # MiB printed to 0.1
+    for k in ("16-bit parameters (embeddings, norms, head)", "activations, estimated (batch 1 x 512)"):
+        assert per[k] == one[k], k
+    args_ = T.M.get_args("llama2-70b")  # a block's 4-bit weights alone: 7 linears of dim x dim-ish shapes, 4.127 bits
+    block_4bit = (4 * args_.dim * args_.dim * (1 + args_.n_kv_heads / args_.n_heads) / 2 +
+                  3 * args_.dim * args_.hidden_dim) * 4.127 / 8 / 2**20
+    assert 2 * block_4bit < per["all-gathered, transient: 2 units"] < 2 * 1.2 * block_4bit
+    assert per["total"] == pytest.approx(sum(v for k, v in per.items() if k != "total"), abs=1)
+
+
 def test_resume_after_sigkill_repeats_losses(tmp_path):
     # --deterministic: what makes a CUDA run repeat bit for bit (on CPU the runs repeat anyway)
     args = ["--max_steps=40", "--ckpt_interval=4", "--lora_dropout=0.1", "--batch_size=32", "--eval_answers=0",

@@ -1052,10 +1052,20 @@ def main(argv):
         # every rank hits the same start-up error: say it once, and exit non-zero so torchrun stops the others
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_failed()
     except OSError as e:  # a full disk, a folder that cannot be written: the file and what the system said
         print(f"error: {e.filename or 'out_dir'}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
+        exit_failed()
+
+
+def exit_failed():
+    """Exit 1. Under torchrun without the interpreter's teardown: the process group it would free can deadlock
+    (end_distributed says how), and a failed run has nothing left to write (checkpoints are synced as made)."""
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

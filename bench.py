@@ -486,9 +486,9 @@ def dist_child(a, device):
         optimizer_step(model, params, shards, opt)
         losses.append(all_sum(loss.detach()).item() / n_tokens)
     acc = Q.memory_account(model)  # this rank's bytes: its shards under FSDP, the whole model under DDP
-    root, units = fsdp_unit_bytes(model)  # whole bytes: the replicated (embeddings, final norm, head), each unit's
+    whole, units = fsdp_unit_bytes(model)  # bytes of the replicated (embeddings, final norm, head), of each unit
     r = dict(rank=rank, world=world, base_bytes=acc["quantized_bytes"] + acc["constant_bytes"],
-             other_frozen_bytes=acc["unquantized_bytes"], lora_bytes=acc["lora_bytes"], root_bytes=root,
+             other_frozen_bytes=acc["unquantized_bytes"], lora_bytes=acc["lora_bytes"], replicated_bytes=whole,
              max_unit_bytes=max(units))
     if device.type == "cuda":
         r.update(before_mib=torch.cuda.memory_allocated(device) / 2**20,
@@ -526,7 +526,7 @@ def bench_fsdp(device, a, out):
             print(f"  {mode}: " + ", ".join(f"rank {r['rank']} peak {r['step_peak_mib']:,.0f} MiB" for r in res[mode]),
                   flush=True)
     cuda, mib = device.type == "cuda", lambda b: f"{b / 2**20:,.1f}"
-    base, frozen = res["ddp"][0]["base_bytes"], res["ddp"][0]["base_bytes"] + res["ddp"][0]["other_frozen_bytes"]
+    base = res["ddp"][0]["base_bytes"]
     what = "allocated" if cuda else "RSS"
     peaks = ("Peak over the steps: torch.cuda.max_memory_allocated after a reset before the warm-up; process peak: "
              "the same since the start." if cuda else "Peak over the steps: VmHWM, reset (/proc/self/clear_refs) just "
@@ -538,8 +538,8 @@ def bench_fsdp(device, a, out):
         f"({'nccl, bf16' if cuda else 'gloo, fp32, 1 thread each'}), each with its own batch of {B} x {T}. Each rank "
         "runs train.py's own code: build_model (the checkpoint streamed and quantized tensor by tensor; under FSDP "
         "straight into the rank's shards, load_sharded), DDP or shard_model (FSDP2: each block a unit; embeddings, "
-        "final norm and head whole on every rank), and its loop's step (chunked loss, clip_grads, PagedAdamW on the rank's "
-        f"rows), a warm-up step then a timed one. {peaks}\n")
+        "final norm and head whole on every rank), and its loop's step (chunked loss, clip_grads, PagedAdamW on the "
+        f"rank's rows), a warm-up step then a timed one. {peaks}\n")
     table(out, ["mode", "rank", f"peak {what} over the steps MiB", f"process peak {what} MiB",
                 f"{what} before the steps MiB", "4-bit base + constants held, bytes",
                 "16/32-bit frozen params held MiB",
@@ -557,7 +557,7 @@ def bench_fsdp(device, a, out):
         f"{saved[0] - half:+,.0f} and {saved[1] - half:+,.0f} MiB from it: FSDP's per-rank peak is "
         + ("lower by at least half the base here." if min(saved) >= half else "NOT lower by half the base here.")
         + f" Besides its half of each block, an FSDP rank holds the embeddings, final norm and head whole, as DDP "
-        f"does ({mib(d0['root_bytes'])} MiB), and gathers each block whole while it runs (the largest "
+        f"does ({mib(d0['replicated_bytes'])} MiB), and gathers each block whole while it runs (the largest "
         f"{mib(d0['max_unit_bytes'])} MiB) with the next one prefetched: train.py's memory plan counts 2 units, "
         f"{mib(gathered)} MiB, so by its count FSDP's step needs {(gathered - base / 2) / 2**20:+,.1f} MiB against "
         f"DDP's (activations alike; gloo's buffers come on top).")

@@ -21,7 +21,7 @@ import kernels as K  # noqa: E402
 def _compile(*flags):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "compile.py"), *flags], cwd=ROOT, capture_output=True,
-                       text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=1800)  # a hang guard only
+                       text=True, env={**env, "OMP_NUM_THREADS": "1"})
     return r, r.stdout[-8000:] + r.stderr[-4000:]
 
 

@@ -9,22 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_ranks
 
 COMMON = ["--device=cpu", "--batch_size=8", "--eval_answers=0", "--log_interval=1000", "--eval_interval=1000", "--lora_dropout=0"]
 TOL = 1e-4  # relative: the same sums, added in another order (all-reduce of two halves vs one process)
 
 
-def run(cmd, timeout=300):  # hang guards only (a 2-rank run takes 10-30 s on a loaded 2-core machine)
+def run(cmd):
     # one thread per process (torchrun's own default for several ranks): on a 2-core machine two ranks with two
     # threads each oversubscribe the cores and slow to a crawl
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if "torch.distributed.run" in cmd:
+        return run_ranks(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
 
 
-def torchrun(*args, timeout=300):
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args],
-               timeout)
+def torchrun(*args):
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args])
 
 
 def losses(out_dir):
@@ -57,7 +58,7 @@ def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
 
 
 def test_rank_failing_at_startup_ends_the_job_once(tmp_path):
-    p = torchrun("--model=7b", f"--init_from={tmp_path / 'nowhere'}", timeout=600)  # a hang would time out
+    p = torchrun("--model=7b", f"--init_from={tmp_path / 'nowhere'}")  # a hang would meet the hang guard
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert out.count("error: weights for --model=7b not found") == 1, out[-3000:]

@@ -16,7 +16,7 @@ import eval as E
 import model as M
 import qlora as Q
 import sample
-from conftest import ROOT, asset
+from conftest import ROOT, asset, peer
 
 # Fields with commas, quotes and newlines, as real MMLU rows have them.
 DEV = [
@@ -103,7 +103,7 @@ def test_answer_pieces():
 @pytest.fixture(scope="module")
 def stories():
     path = asset("stories260K")
-    transformers = pytest.importorskip("transformers", reason="transformers not installed: HF parity not checked")
+    transformers = peer("transformers", "HF parity not checked")
     hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, hf
 
@@ -319,7 +319,7 @@ def test_question_too_long_for_the_context(tmp_path):
 
 def _run(*args):
     return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+                          cwd=ROOT)
 
 
 def test_cli_error_names_file_and_line(tmp_path):

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import HANG_GUARD, ROOT, peer, run_ranks
 
 import model as M
 import qlora as Q
@@ -27,7 +27,6 @@ COMMON = ["--device=cpu", "--batch_size=4", "--eval_answers=0", "--log_interval=
           "--eval_interval=1000", "--eval_batches=1", "--lora_dropout=0", "--warmup_ratio=0", "--keep_ckpts=2"]
 STEPS, GLOBAL = 6, 4  # optimizer steps; micro-batches per step over all ranks
 TOL = 1e-5  # relative, fp32: the same sums, reduce-scattered over ranks instead of added up in one process
-HANG = 1200  # seconds: only a guard against a hang; 4 processes on 2 loaded cores are slow
 
 
 def env():
@@ -42,7 +41,8 @@ def train(nproc, *args):
 
 
 def run(cmd):
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG, env=env())
+    go = run_ranks if "torch.distributed.run" in cmd else subprocess.run
+    p = go(cmd, cwd=ROOT, capture_output=True, text=True, env=env())
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p.stdout + p.stderr
 
@@ -246,8 +246,7 @@ def test_resume_under_other_ranks_keeps_the_global_batch(runs):
     shutil.rmtree(out / "adapter")
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(out) if r["step"] <= 4))
     p = subprocess.run(train(1, f"--init_from={d / 'base'}", f"--grad_accum={GLOBAL // 2}", f"--max_steps={STEPS}",
-                             "--resume", f"--out_dir={out}"), cwd=ROOT, capture_output=True, text=True, timeout=HANG,
-                       env=env())
+                             "--resume", f"--out_dir={out}"), cwd=ROOT, capture_output=True, text=True, env=env())
     assert p.returncode != 0
     assert "took 2 micro-batches x 2 rank(s) a step, this run 2 x 1" in p.stderr, p.stderr[-3000:]
     assert max(losses(out)) == 4 and not (out / "adapter").exists()  # nothing written
@@ -258,8 +257,8 @@ def test_resume_under_other_ranks_keeps_the_global_batch(runs):
 
 
 def test_adapter_written_under_fsdp_loads_in_peft(runs):
-    peft = pytest.importorskip("peft", reason="peft not installed: the FSDP adapter's PEFT format not checked")
-    transformers = pytest.importorskip("transformers", reason="transformers not installed: no model for peft")
+    peft = peer("peft", "the FSDP adapter's PEFT format not checked")
+    transformers = peer("transformers", "no model for peft")
     d, _ = runs
     base = transformers.LlamaForCausalLM.from_pretrained(d / "base")  # the 16-bit base the runs quantized
     theirs = peft.PeftModel.from_pretrained(base, d / "fsdp2" / "adapter")
@@ -290,15 +289,15 @@ def test_rank_killed_then_resumed_continues_exactly(runs):
     job = subprocess.Popen(train(2, base, "--fsdp=true", f"--grad_accum={GLOBAL // 2}", "--max_steps=1000",
                                  "--ckpt_interval=2", f"--out_dir={out}"), cwd=ROOT, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + HANG
+    deadline = time.time() + HANG_GUARD
     while not (out / "ckpt-000002").is_dir():
         assert job.poll() is None, job.stderr.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint written: hang guard"
+        assert time.time() < deadline, f"hang guard: no checkpoint written after {HANG_GUARD} s (a deadlock)"
         time.sleep(0.02)
     rank1 = [c for c in _children(job.pid) if _rank_of(c) == 1]
     assert len(rank1) == 1, _children(job.pid)
     os.kill(rank1[0], signal.SIGKILL)
-    job.communicate(timeout=HANG)
+    job.communicate(timeout=HANG_GUARD)  # torchrun ends the job once a rank dies: only a hang meets this
     assert job.returncode != 0  # torchrun saw its rank die and ended the job
     killed_at = max(losses(out))
     assert killed_at < STEPS, f"killed at step {killed_at}: too late to test a resume before step {STEPS}"
@@ -313,6 +312,6 @@ def test_rank_killed_then_resumed_continues_exactly(runs):
 
 def test_fsdp_without_torchrun_is_a_clear_error(tmp_path):
     p = subprocess.run(train(1, "--init_from=random", "--fsdp=true", f"--out_dir={tmp_path}"), cwd=ROOT,
-                       capture_output=True, text=True, timeout=HANG, env=env())
+                       capture_output=True, text=True, env=env())
     assert p.returncode != 0
     assert re.search(r"error: --fsdp=true .*torchrun", p.stderr), p.stderr[-3000:]

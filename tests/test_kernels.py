@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kernels as K  # noqa: E402
+from conftest import peer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -361,7 +362,7 @@ def test_imports_without_triton():
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
 def test_bitsandbytes_parity(quant_type, dq):
-    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    F = peer("bitsandbytes.functional", "bit-exactness not checked")
     x = _random_input(37 * 61, 64, torch.bfloat16).view(37, 61)
     packed, st = F.quantize_4bit(x, blocksize=64, quant_type=quant_type, compress_statistics=dq)
     assert torch.equal(st.code, TABLES[quant_type])  # the tables built here from the doc are bitsandbytes'
@@ -381,7 +382,7 @@ def test_bitsandbytes_cuda_parity(quant_type, dq):
     # The same comparison on CUDA tensors, against bitsandbytes' CUDA kernels. One known difference: for an
     # all-zero block its CUDA quantize writes 0x00 bytes (the code of -1.0 in NF4), ours 0.0's code in both nibbles
     # (0x77 in NF4; bitsandbytes' CPU path does the same); with absmax 0 both decode to zeros.
-    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    F = peer("bitsandbytes.functional", "bit-exactness not checked")
     import qlora as Q
     x = _random_input(37 * 61, 64, torch.bfloat16).view(37, 61).cuda()  # its first block of 64 is all zero
     packed, st = F.quantize_4bit(x, blocksize=64, quant_type=quant_type, compress_statistics=dq)

@@ -200,7 +200,7 @@ def test_8bit_training_run_resumes_exactly(tmp_path):
             "--ckpt_interval=2", "--batch_size=8", "--eval_batches=1", "--eval_answers=0", "--log_interval=1000",
             "--eval_interval=1000", f"--out_dir={tmp_path}"]
     for extra in ([], ["--resume"]):
-        p = subprocess.run(args + extra, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(args + extra, cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-3000:]
         log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
         if not extra:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import paged_adamw
+from conftest import peer
 from paged_adamw import ManagedBuffer, PagedAdamW, PagedAdamW8bit, managed_tensor, prefetch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,8 +138,7 @@ def test_managed_tensor_rejects_cpu():
 
 
 def bnb_functional():
-    return pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: 8-bit state parity not checked"
-                               ).functional
+    return peer("bitsandbytes", "8-bit state parity not checked").functional
 
 
 def state_values(numel, signed):  # Adam-like states: several orders of magnitude, a zero block, a partial block

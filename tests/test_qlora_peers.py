@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import qlora as Q
-from conftest import asset
+from conftest import asset, peer
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: live 4-bit format parity not checked")
+bnb = peer("bitsandbytes", "live 4-bit format parity not checked")
 F = bnb.functional
 
 # (shape, blocksize): odd numel, partial last blocks, one element, several nested blocks, every block size
@@ -96,7 +96,7 @@ def test_fp4_and_dynamic_map_tables_match_bitsandbytes():
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """A tiny random LlamaForCausalLM saved in fp32, and the same quantized and saved by transformers + bnb."""
-    transformers = pytest.importorskip("transformers", reason="transformers not installed: HF parity not checked")
+    transformers = peer("transformers", "HF parity not checked")
     d = tmp_path_factory.mktemp("hf")
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -183,7 +183,7 @@ def test_fp4_checkpoint_without_double_quant_from_transformers(hf, tmp_path):
 
 
 def _peft():
-    return pytest.importorskip("peft", reason="peft not installed: adapter parity not checked")
+    return peer("peft", "adapter parity not checked")
 
 
 def test_adapter_saved_here_loads_in_peft(hf, tmp_path):

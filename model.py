@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -319,15 +320,16 @@ class Transformer(nn.Module):
             layer.self_attn.cache = None
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None):
-        """idx: (B, T) prompt. Greedy when temperature == 0, else nucleus sampling. Uses a KV cache."""
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, n_ids=None):
+        """idx: (B, T) prompt. Greedy when temperature == 0, else nucleus sampling. Uses a KV cache. n_ids: pick
+        only ids below it (a tokenizer smaller than the embedding: real models pad their vocabulary)."""
         B, T = idx.shape
         self.setup_cache(B, min(T + max_new_tokens, self.args.max_seq_len))
         try:
             logits = self(idx, torch.arange(T, device=idx.device))[:, -1]
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for t in range(T, min(T + max_new_tokens, self.args.max_seq_len)):
-                nxt = sample_next(logits, temperature, top_p)  # (B,)
+                nxt = sample_next(logits[:, :n_ids], temperature, top_p)  # (B,)
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
                 if eos_id is not None:
                     done |= nxt == eos_id
@@ -417,6 +419,11 @@ def load_args(path):
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise CheckpointError(f"{file}: rope_type {rope.get('rope_type')!r} is not supported")
         kw = {f: _get(file, c, key, kind, required) for f, (key, kind, required) in HF_KEYS.items()}
+        window = _get(file, c, "sliding_window") if c.get("use_sliding_window", True) is not False else None
+        if window is not None and window < (kw["max_seq_len"] or ModelArgs.max_seq_len):
+            raise CheckpointError(f"{file}: sliding_window {window} is shorter than the model's context "
+                                  f"({kw['max_seq_len']} tokens): sliding-window attention is not implemented here, "
+                                  f"and full attention would differ from the model's past {window} tokens")
         kw["rope_theta"] = _get(file, rope, "rope_theta", float) or kw["rope_theta"]
         files = _weight_files(path)
     elif (file := path / "params.json").exists():
@@ -692,7 +699,19 @@ class Tokenizer:
     def __init__(self, path):
         import sentencepiece as spm
         self.path = str(path)
-        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+            if not head:
+                raise CheckpointError(f"{path}: an empty file, not a tokenizer model")
+            if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head.split(b"\n")[0]):  # base64(token) rank, a line each
+                raise CheckpointError(f"{path}: a tiktoken-format BPE file (Meta's Llama 3), not a sentencepiece "
+                                      "model; this project reads sentencepiece tokenizers (LLaMA 1/2, Mistral) only")
+            self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read the tokenizer ({e.strerror or e})") from None
+        except RuntimeError as e:  # sentencepiece's way of saying the file is not a model
+            raise CheckpointError(f"{path}: not a sentencepiece model ({str(e).strip()[:200]})") from None
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
         self.vocab_size = self.sp.vocab_size()
 

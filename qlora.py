@@ -507,16 +507,19 @@ def _write_model(model, out_dir, tensors, config):
 def save_quantized(model, out_dir, tokenizer=None):
     """The quantized base as transformers + bitsandbytes save it (model.safetensors with bitsandbytes' keys,
     quantization_config in config.json), loadable by from_pretrained and by load_quantized; `tokenizer`: a
-    tokenizer.model to copy beside it. No adapters (save_adapter). quant_type "none": a plain 16/32-bit checkpoint."""
-    m = next(iter(linears_4bit(model).values()))
+    tokenizer.model to copy beside it. No adapters (save_adapter). quant_type "none" or "int4" (which bitsandbytes
+    does not know): a plain 16/32-bit checkpoint of the weights the adapters see (int4's dequantized)."""
+    mods = linears_4bit(model)
+    m = next(iter(mods.values()))
     dtype = model.model.norm.weight.dtype
-    tensors = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    if m.quant_type == "none":
+    plain = m.quant_type not in ("nf4", "fp4")  # none, or int4 (no bitsandbytes format): without its ".weight.*"
+    tensors = {k: v for k, v in model.state_dict().items() if ".lora_" not in k and not (plain and ".weight." in k)}
+    if plain:
         qc = {}
+        for n, mod in mods.items() if m.quant_type == "int4" else ():  # the weights the adapters trained against
+            tensors[n + ".weight"] = dequantize(mod.quantized(), dtype)
     else:
         q = m.quantized()
-        if q.quant_type not in ("nf4", "fp4"):  # a caller's error, so no assert (python -O would write the file)
-            raise ValueError(f"{out_dir}: bitsandbytes' format knows nf4 and fp4, not {q.quant_type}")
         qc = dict(quantization_config=dict(
             quant_method="bitsandbytes", load_in_4bit=True, load_in_8bit=False, bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.nested_absmax is not None, bnb_4bit_quant_storage="uint8",

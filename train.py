@@ -9,11 +9,12 @@ AdamW, one plain loop. Dettmers et al. 2023, arXiv 2305.14314; the loop follows 
   torchrun --nproc_per_node=4 train.py --model=llama2-70b ... --fsdp=true   # the 4-bit base sharded over 4 GPUs
 """
 import ctypes
-import importlib
+import errno
 import json
 import math
 import os
 import pickle
+import re
 import resource
 import shutil
 import sys
@@ -22,13 +23,16 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # set before torch loads OpenMP: README, "A busy CPU"
+
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
 import qlora as Q
-from data.batching import IGNORE, collate, length_grouped_batches, load_split, packed_batches
+from data.batching import (IGNORE, collate, length_grouped_batches, load_meta, load_split, packed_batches,
+                           prepare_dir, prepared_dir)
 from data.oasst1.prepare import DataError, file_sha256
 from paged_adamw import PagedAdamW, PagedAdamW8bit, state_bytes
 
@@ -81,8 +85,9 @@ class Config:
     log_interval: int = 10
     ckpt_interval: int = 100       # steps between checkpoints (0: only at the end)
     keep_ckpts: int = 3
-    resume: bool = False           # continue from the newest intact checkpoint in out_dir
-    overwrite: bool = False        # start afresh in an out_dir that holds a run: deletes its checkpoints and adapter
+    resume: str = ""               # true: go on from the newest intact checkpoint in out_dir; or a checkpoint folder
+                                   # of out_dir to go back to (its newer checkpoints are set aside, not deleted)
+    overwrite: bool = False        # start afresh in an out_dir that holds a run: deletes that run's files only
     eval_answers: int = 100        # held-out prompts per task answered before and after (exact match); 0 = skip
     seed: int = 1337
     device: str = "auto"           # auto | cpu | cuda | cuda:N
@@ -121,7 +126,9 @@ def parse_config(argv):
     cfg = Config(**base)
     for key, value in flags.items():
         kind = type(getattr(cfg, key))
-        if kind is bool:
+        if key == "resume":  # true / false, or the checkpoint to go on from
+            value = dict(true="latest", false="", **{"1": "latest", "0": ""}).get(value.lower(), value)
+        elif kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ConfigError(f"--{key} takes true or false, not {value!r}")
             value = value.lower() in ("true", "1")
@@ -131,7 +138,8 @@ def parse_config(argv):
             except ValueError:
                 raise ConfigError(f"--{key} takes a {kind.__name__}, not {value!r}") from None
         setattr(cfg, key, value)
-    M.get_args(cfg.model)  # an unknown preset lists the valid ones
+    if cfg.model not in M.PRESETS:
+        raise ConfigError(f"--model={cfg.model}: unknown model preset; valid presets: {', '.join(M.PRESETS)}")
     dtypes = ("auto", "float32", "bfloat16", "float16")
     for key, allowed in (("quant_type", ("nf4", "fp4", "int4", "none")), ("schedule", ("constant", "cosine")),
                          ("optimizer", ("paged_adamw", "paged_adamw_8bit", "adamw")),
@@ -165,7 +173,8 @@ CHECKS = [(k, lambda v: v >= 1, "a whole number >= 1") for k in (
     ("warmup_ratio", lambda v: 0 <= v <= 1, "from 0 to 1"),
     ("beta1", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
     ("beta2", lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
-    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")]
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("seed", lambda v: 0 <= v < 2**62, "a whole number from 0 to 2**62-1")]  # seed + rank + epoch seed torch
 
 
 def check_device(name):
@@ -303,32 +312,27 @@ def set_lora_dtype(model, cfg, compute_dtype):
             m.lora_B.to(dtype)
 
 
+def datasets():
+    return sorted(p.parent.name for p in (ROOT / "data").glob("*/prepare.py"))
+
+
 def get_data(cfg, tokenizer_path, device):
-    """data/<name>/prepared/<tokenizer hash>-<loss mode>-<prepare.py hash>/, prepared on first use; or --data=<path>
-    of a folder that data/*/prepare.py already wrote. Each tokenizer, loss mode and version of the preparing script
-    (its split, say) gets its own folder, written whole under a temporary name and renamed, so preparing another
-    never changes the files a running job has mapped, and a changed script never reads stale files."""
-    want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=cfg.train_on)
-    if (script := ROOT / "data" / cfg.data / "prepare.py").exists():
-        key = f"{want['tokenizer_sha256'][:12]}-{cfg.train_on}-{file_sha256(script)[:8]}"
-        folder = script.parent / "prepared" / key
-        if not (folder / "meta.json").exists():
-            if is_main():  # one process prepares, the others wait for it
-                tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-                shutil.rmtree(tmp, ignore_errors=True)
-                importlib.import_module(f"data.{cfg.data}.prepare").prepare(
-                    tokenizer_path=tokenizer_path, out_dir=tmp, train_on=cfg.train_on)
-                try:
-                    os.replace(tmp, folder)
-                except OSError:  # another job prepared the same folder first: its files are the same
-                    shutil.rmtree(tmp)
-            barrier(device)
-    elif (Path(cfg.data) / "meta.json").exists():
-        folder, meta = Path(cfg.data), Path(cfg.data) / "meta.json"
-        if bad := [k for k, v in want.items() if json.loads(meta.read_text()).get(k) != v]:
-            raise ConfigError(f"{meta}: prepared with another {' and '.join(bad)} than this run's; prepare it again")
+    """--data=<name>: data/<name>/prepared/<tokenizer hash>-<loss mode>-<prepare.py hash>/, prepared on first use
+    (data.batching.prepare_dir); or --data=<path> of a folder that data/*/prepare.py already wrote."""
+    if cfg.data.rstrip("/") in datasets():
+        if is_main():  # one process prepares, the others wait for it
+            prepare_dir(cfg.data.rstrip("/"), tokenizer_path, cfg.train_on)
+        barrier(device)
+        folder = prepared_dir(cfg.data.rstrip("/"), tokenizer_path, cfg.train_on)
+    elif cfg.data and (Path(cfg.data) / "meta.json").exists():
+        folder, meta = Path(cfg.data), load_meta(cfg.data)
+        want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=cfg.train_on)
+        if bad := [k for k, v in want.items() if meta.get(k) != v]:
+            raise ConfigError(f"{folder / 'meta.json'}: prepared with another {' and '.join(bad)} than this run's; "
+                              "prepare it again")
     else:
-        raise ConfigError(f"no dataset {cfg.data!r}: neither {folder}/prepare.py nor a prepared folder (meta.json)")
+        raise ConfigError(f"--data={cfg.data!r}: not a dataset ({', '.join(datasets())}: a folder of data/ with a "
+                          "prepare.py) nor a prepared folder with a meta.json")
     return load_split(folder, "train"), load_split(folder, "val")
 
 
@@ -517,10 +521,16 @@ def estimate_only(cfg):
 
 
 def fsync_save(obj, path):
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """torch.save, synced to the disk; a failed write (a full disk) is an OSError that names the file."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:  # torch's word for a failed write ("unexpected pos")
+        raise OSError(errno.EIO, f"cannot be written: is the disk full? (torch: {str(e)[:120]})", str(path)) from None
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def check_finite(model, step):
@@ -597,13 +607,15 @@ def save_checkpoint(cfg, model, optimizer, step, base_path, params):
     fd = os.open(out, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-    for old in sorted(out.glob("ckpt-[0-9]*[0-9]"))[:-cfg.keep_ckpts]:
+    for old in [p for p in checkpoints(out) if not p.name.endswith(".tmp")][:-cfg.keep_ckpts]:
         shutil.rmtree(old)
     return final
 
 
-def latest_checkpoint(out_dir):
-    done = sorted(p for p in Path(out_dir).glob("ckpt-[0-9]*[0-9]") if (p / "trainer_state.pt").exists())
+def good_checkpoint(out_dir, step):
+    """After a non-finite loss or gradient in the step after `step` updates: the newest checkpoint before the
+    weights of that step (ckpt-<step> holds them, and would diverge again at any lr), or None."""
+    done = [p for p in checkpoints(out_dir) if (p / "trainer_state.pt").exists() and int(p.name[5:11]) < step]
     return done[-1] if done else None
 
 
@@ -618,9 +630,18 @@ RESUME_MAY_CHANGE = {"max_steps", "lr", "max_grad_norm", "eval_interval", "eval_
 
 def load_checkpoint(cfg, model, path, compute_dtype, log):
     """Check the checkpoint belongs to this run, load its adapter into the model; return the trainer state."""
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    if not (isinstance(state, dict) and {"optimizer", "step", "config", "rng"} <= state.keys()):
-        raise M.CheckpointError(f"{path / 'trainer_state.pt'}: not a trainer state (no optimizer, step, config, rng)")
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torn or foreign bytes: the unpickler raises whatever it meets first
+        raise M.CheckpointError(f"{path / 'trainer_state.pt'}: not a torch file ({type(e).__name__}: "
+                                f"{str(e)[:100]})") from None
+    if not (isinstance(state, dict) and {"optimizer", "step", "config", "rng"} <= state.keys()
+            and isinstance(state["config"], dict) and isinstance(state["optimizer"], dict)
+            and isinstance(state["rng"], dict) and type(state["step"]) is int and state["step"] >= 0):
+        raise M.CheckpointError(f"{path / 'trainer_state.pt'}: not a trainer state (a dict of optimizer, step, "
+                                "config, rng)")
     # checkpoints older than the "world" entry: taken as written by as many ranks as this run has
     old_g, old_w = state["config"].get("grad_accum", Config.grad_accum), state.get("world", world_size())
     if old_g * old_w != cfg.grad_accum * world_size():
@@ -666,8 +687,19 @@ def load_adapter_rows(model, path):
 
 
 def resume_from(cfg, model, compute_dtype, log):
-    """The newest checkpoint that loads; a damaged one (a torn file, a full disk) is passed over, saying so."""
-    for ckpt in sorted(Path(cfg.out_dir).glob("ckpt-[0-9]*[0-9]"), reverse=True):
+    """--resume=true: the newest checkpoint that loads; a damaged one (a torn file, a full disk) is passed over,
+    saying so. --resume=<checkpoint>: that one, and the newer ones (another future of the run) are renamed aside.
+    No checkpoint to go on from is an error: a fresh start would replace the run's adapter and log."""
+    out = Path(cfg.out_dir)
+    done = [p for p in checkpoints(out) if not p.name.endswith(".tmp")]
+    if cfg.resume != "latest":
+        chosen = Path(cfg.resume)
+        if chosen.resolve() not in [p.resolve() for p in done]:
+            raise ConfigError(f"--resume={cfg.resume}: not a checkpoint of {out} (those are: "
+                              f"{', '.join(p.name for p in done) or 'none'})")
+        done = [p for p in done if p.resolve() == chosen.resolve()]
+    damaged = []
+    for ckpt in reversed(done):
         try:
             state = load_checkpoint(cfg, model, ckpt, compute_dtype, log)
         except ConfigError:
@@ -675,35 +707,62 @@ def resume_from(cfg, model, compute_dtype, log):
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as e:
             why = (str(e).strip().splitlines() or [""])[0][:200]
             log(f"--resume: {ckpt} is damaged ({type(e).__name__}: {why}); trying the one before it")
+            damaged.append(ckpt.name)
             continue
         log(f"resuming from {ckpt} at step {state['step']}")
+        if is_main():
+            for newer in (p for p in checkpoints(out) if p.name > ckpt.name and not p.name.endswith(".tmp")):
+                aside = newer.with_name(f"{newer.name}.abandoned-{int(time.time())}")
+                os.replace(newer, aside)
+                log(f"--resume: {newer.name} (after the checkpoint resumed) kept as {aside.name}")
         return state
-    log(f"--resume: no intact checkpoint in {cfg.out_dir}, starting at step 0")
-    return None
+    raise ConfigError(f"--resume: no intact checkpoint in {out} ({'damaged: ' + ', '.join(damaged) if damaged else 'none'}"
+                      "); nothing was changed. Start a new run with another --out_dir, or --overwrite to replace it")
 
 
 # -----------------------------------------------------------------------------
 # the out_dir rule: a run's files are never written over without a flag
 
 
-RUN_FILES = ("log.jsonl", "adapter", "base")  # and the ckpt-NNNNNN folders
+# A run is known by its log.jsonl, the first file it writes (empty, as it claims the folder), or by checkpoints. What
+# it may write besides: the adapter, the 4-bit base of a random-init run, and their temporary names.
+RUN_FILES = ("log.jsonl", "adapter", "adapter.tmp", "adapter.old", "base")
+
+
+def checkpoints(out):
+    """The checkpoint folders a run wrote in out (ckpt-NNNNNN, and ckpt-NNNNNN.tmp of one killed mid-write)."""
+    return sorted(p for p in Path(out).glob("ckpt-*") if re.fullmatch(r"ckpt-\d{6}(\.tmp)?", p.name))
 
 
 def holds_run(out):
-    return out.is_dir() and (any((out / f).exists() for f in RUN_FILES) or any(out.glob("ckpt-[0-9]*")))
+    return (out / "log.jsonl").is_file() or bool(checkpoints(out))
+
+
+def holds_files(out):
+    """What a run would write over in out: its own files, or an adapter or base folder that no run wrote."""
+    return holds_run(out) or any((out / f).exists() for f in RUN_FILES)
 
 
 def claim_out_dir(cfg):
     """--resume goes on with the run in out_dir; --overwrite deletes that run's files (and nothing else) and starts
     afresh; with neither, a new run never touches an out_dir that holds one: it goes to the first free out_dir-2,
-    out_dir-3, ... and says so, so `python train.py` twice in a row keeps both runs. Returns the files to delete."""
+    out_dir-3, ... and says so, so `python train.py` twice in a row keeps both runs. Files that no run of ours wrote
+    (an adapter/ or base/ beside no log.jsonl: a model folder) are never deleted. Returns the files to delete."""
     out = Path(cfg.out_dir)
-    if cfg.resume or not holds_run(out):
+    if cfg.resume:
+        if not holds_run(out):
+            raise ConfigError(f"--resume: {out} holds no run (no log.jsonl, no ckpt-NNNNNN): nothing to go on with")
+        return []
+    if not holds_files(out):
         return []
     if cfg.overwrite:
-        return [out / f for f in RUN_FILES if (out / f).exists()] + sorted(out.glob("ckpt-[0-9]*"))
+        if not holds_run(out):
+            raise ConfigError(f"--overwrite: {out} holds {', '.join(f for f in RUN_FILES if (out / f).exists())} "
+                              "but no run of train.py (no log.jsonl): nothing there is ours to delete; pick another "
+                              "--out_dir")
+        return [out / f for f in RUN_FILES if (out / f).exists()] + checkpoints(out)
     n = 2
-    while holds_run(Path(f"{cfg.out_dir}-{n}")):
+    while holds_files(Path(f"{cfg.out_dir}-{n}")):
         n += 1
     cfg.out_dir = f"{cfg.out_dir}-{n}"
     return []
@@ -911,6 +970,11 @@ def train(cfg):
     tok_path = (base if base is not None else ROOT / "data" / cfg.data) / "tokenizer.model"
     if not tok_path.exists():
         raise ConfigError(f"no tokenizer at {tok_path}: put the model's sentencepiece tokenizer.model there")
+    M.Tokenizer(tok_path)  # a file that is no sentencepiece model (empty, Llama 3's tiktoken) is refused here
+    context = M.load_args(base).max_seq_len if base is not None else M.get_args("tiny").max_seq_len
+    if cfg.max_seq_len > context:
+        raise ConfigError(f"--max_seq_len={cfg.max_seq_len} is longer than the base's context of {context} positions"
+                          f" ({base / 'config.json' if base is not None else 'the tiny preset'}): lower it")
     train_ds, val_ds = get_data(cfg, tok_path, device)
     if cfg.fsdp:  # the same adapter init on every rank (FSDP keeps each rank's rows of it; DDP broadcasts rank 0's)
         torch.manual_seed(cfg.seed)
@@ -921,9 +985,9 @@ def train(cfg):
         raise ConfigError(f"data/{cfg.data} was tokenized with {train_ds.meta['vocab_size']} ids, the model has "
                           f"{model.args.vocab_size}")
     base_path = str(base if base is not None else Path(cfg.out_dir) / "base")
-    if base is None and is_main() and cfg.quant_type in ("nf4", "fp4") and not (cfg.resume and Path(
-            base_path, "model.safetensors").exists()):  # a random base is part of the result: keep it, in
-        Q.save_quantized(model, base_path, tokenizer=tok_path)  # bitsandbytes' 4-bit format
+    if base is None and is_main() and not (cfg.resume and Path(base_path, "model.safetensors").exists()):
+        (Path(cfg.out_dir) / "log.jsonl").touch()  # the folder holds a run from its first file on
+        Q.save_quantized(model, base_path, tokenizer=tok_path)  # a random base is part of the result: keep it
     state = resume_from(cfg, model, compute, log) if cfg.resume else None
     # DDP and FSDP: two settings of one loop. `net` runs the steps; under FSDP it is the model itself, sharded in
     # place, whose parameters are then DTensors (after the adapter is loaded, before the optimizer sees them)
@@ -1000,10 +1064,12 @@ def train(cfg):
         step_loss = all_sum(loss_sum).item() / n_tokens
         grad_norm = clip_grads(params, cfg.max_grad_norm)
         if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-            last = latest_checkpoint(cfg.out_dir)
-            raise TrainingError(f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step "
-                                f"{step + 1}; nothing was saved for it. Last good checkpoint: {last or 'none'}. "
-                                "Lower --lr or --max_grad_norm and resume with --resume")
+            good = good_checkpoint(cfg.out_dir, step)
+            what = f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step {step + 1}"
+            raise TrainingError(f"{what}; nothing was saved for it. " + (
+                f"Last good checkpoint: {good}. Lower --lr or --max_grad_norm and go back with --resume={good}"
+                if good else f"No checkpoint from before step {step}'s update (whose weights diverged) is left: "
+                "lower --lr or --max_grad_norm and start over with --overwrite"))
         optimizer_step(model, params, shards, optimizer)
         step += 1
         losses.append(step_loss)

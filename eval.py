@@ -4,7 +4,7 @@ ever made), on MMLU 5-shot, the QLoRA paper's measure of knowledge (Hendrycks et
 
   python eval.py --init_from=/path/to/llama-7b --adapter=out/adapter --mmlu=/path/to/mmlu       # MMLU, 5-shot
   python eval.py --init_from=out/base --adapter=out/adapter --text=notes.txt                     # perplexity
-  python eval.py --init_from=out/base --adapter=out/adapter --data=sample --split=val            # perplexity
+  python eval.py --init_from=data/sample/base --adapter=out/adapter --data=sample --split=val    # perplexity
 
 MMLU is read as its authors publish it (github.com/hendrycks/test, data.tar): dev/<subject>_dev.csv holds the 5
 few-shot examples, test/<subject>_test.csv the questions, rows question,A,B,C,D,answer with CSV quoting and no
@@ -17,20 +17,23 @@ import csv
 import io
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # set before torch loads OpenMP: README, "A busy CPU"
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
-from data.batching import IGNORE, load_split
-from data.oasst1.prepare import file_sha256
+from data.batching import DATA, IGNORE, load_meta, load_split, prepare_dir
+from data.oasst1.prepare import DataError, file_sha256
 from sample import load
 
 LETTERS = ("A", "B", "C", "D")
-ROOT = Path(__file__).resolve().parent
 
 
 class InputError(ValueError):
@@ -58,7 +61,10 @@ class Question:
 
 def read_text(path):
     """A file's text, or InputError naming the line where it stops being UTF-8."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -302,14 +308,23 @@ def text_docs(path, tok):
     return [(ids, [True] * len(ids))]
 
 
-def split_docs(name, split, tokenizer_path):
-    """The conversations of a prepared split (data/<name>/ or a folder with meta.json), each scored where
-    train.py's loss is (its loss mask: the replies, by default), so exp(train's val loss) is comparable."""
-    folder = ROOT / "data" / name if (ROOT / "data" / name / "meta.json").exists() else Path(name)
+def split_docs(name, split, tokenizer_path, train_on="assistant"):
+    """The conversations of a prepared split, each scored where train.py's loss is (its loss mask: the replies, by
+    default), so exp(train's val loss) is comparable. name: a dataset under data/, read from the folder train.py
+    prepares for this tokenizer and train_on (prepared now if it is not yet), or a folder with meta.json."""
+    if name.isidentifier() and (DATA / name / "prepare.py").is_file():
+        try:
+            folder = prepare_dir(name, tokenizer_path, train_on)
+        except OSError as e:  # DataError, a ValueError, passes: it names its file
+            raise InputError(f"{DATA / name / 'prepared'}: cannot prepare the data there ({e})") from None
+    elif Path(name).is_dir():
+        folder = Path(name)
+    else:
+        raise InputError(f"--data={name}: neither a dataset under data/ (with a prepare.py) nor a prepared folder")
     meta = folder / "meta.json"
     if not meta.exists():
-        raise InputError(f"{meta}: missing; prepare the data first (python data/{name}/prepare.py, or train.py)")
-    if json.loads(meta.read_text()).get("tokenizer_sha256") != file_sha256(tokenizer_path):
+        raise InputError(f"{meta}: missing; prepare the data first (python data/<name>/prepare.py, or train.py)")
+    if load_meta(folder).get("tokenizer_sha256") != file_sha256(tokenizer_path):
         raise InputError(f"{meta}: prepared with another tokenizer than {tokenizer_path}; prepare it again")
     for suffix in (".bin", ".mask.bin", ".idx.bin"):
         if not (folder / f"{split}{suffix}").exists():
@@ -318,6 +333,32 @@ def split_docs(name, split, tokenizer_path):
     return [(t.tolist(), m.tolist()) for t, m in (ds[i] for i in range(len(ds)))]
 
 # -----------------------------------------------------------------------------
+
+
+def check_device(name):
+    """--device as a torch.device, refused now if this machine lacks it (not at the model load)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device={name}: not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device={name}: use cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
+        raise InputError(f"--device={name}: no such GPU here ({torch.cuda.device_count()} found); use --device=cpu")
+    return device
+
+
+def check_writable(path):
+    """--out is written after the whole evaluation: a path that cannot take it fails now, not hours later."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--out={path}: a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"--out={path}: not writable")
+    try:  # a file made and removed beside it: the test that also holds for root, whom permissions do not stop
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise InputError(f"--out={path}: cannot write in {path.parent} ({e.strerror})") from None
 
 
 def main(argv=None):
@@ -330,8 +371,11 @@ def main(argv=None):
     p.add_argument("--subjects", default=None, help="comma-separated subjects (default: every one in test/)")
     p.add_argument("--out", default=None, help="write one JSON line per MMLU question to this file")
     p.add_argument("--text", default=None, help="perplexity on this UTF-8 text file")
-    p.add_argument("--data", default=None, help="perplexity on a prepared split: data/<NAME> or a folder")
+    p.add_argument("--data", default=None, help="perplexity on a prepared split: NAME under data/ (prepared "
+                   "on first use, as train.py does) or a prepared folder")
     p.add_argument("--split", default="val")
+    p.add_argument("--train_on", choices=["assistant", "all"], default="assistant",
+                   help="--data=NAME: the tokens train.py --train_on=... put in the loss are the ones scored")
     p.add_argument("--window", type=int, default=0, help="perplexity window in tokens (0: the model's context)")
     p.add_argument("--stride", type=int, default=0, help="perplexity stride in tokens (0: half the window)")
     p.add_argument("--batch_size", type=int, default=8)
@@ -346,7 +390,15 @@ def main(argv=None):
             raise InputError(f"{a.init_from}: no tokenizer.model")
         if a.shots < 0 or a.batch_size < 1:
             raise InputError(f"--shots={a.shots} --batch_size={a.batch_size}: need shots >= 0, batch_size >= 1")
-        tok = M.Tokenizer(tok_path)
+        check_device(a.device)
+        if a.out:
+            check_writable(a.out)
+        tok = M.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
+        args = M.load_args(a.init_from)  # the config alone: the weights load after every check
+        # fewer ids than the model is normal (vocabularies are padded to a round size); more would index past it
+        if tok.vocab_size > args.vocab_size:
+            raise InputError(f"{tok_path}: {tok.vocab_size} token ids, the model in {a.init_from} has only "
+                             f"{args.vocab_size}: not this model's tokenizer")
         bad = [] if a.skip_bad else None
         subjects = a.subjects.split(",") if a.subjects else None
         if subjects and not all(subjects):
@@ -355,9 +407,9 @@ def main(argv=None):
         data = load_mmlu(a.mmlu, subjects, a.shots, bad) if a.mmlu else None
         docs = {a.text: text_docs(a.text, tok)} if a.text else {}
         if a.data:
-            docs[f"{a.data} ({a.split})"] = split_docs(a.data, a.split, tok_path)
+            docs[f"{a.data} ({a.split})"] = split_docs(a.data, a.split, tok_path, a.train_on)
         try:
-            ctx = M.load_args(a.init_from).max_seq_len
+            ctx = args.max_seq_len
             window = a.window or ctx
             stride = a.stride or max(window // 2, 1)
             if docs and not (1 <= stride <= window <= ctx):
@@ -378,7 +430,10 @@ def main(argv=None):
             print(f"average over questions: {100 * over_q:.2f}%")
             print(f"average over subjects:  {100 * over_s:.2f}%")
             if a.out:
-                Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+                try:
+                    Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+                except OSError as e:  # checked at the start; a full disk can still refuse it
+                    raise InputError(f"--out={a.out}: cannot write ({e.strerror})") from None
                 print(f"wrote {len(records)} lines to {a.out}")
         for name, d in docs.items():
             nll, n = perplexity(model, d, window, stride, a.batch_size)
@@ -390,7 +445,7 @@ def main(argv=None):
             print(f"skipped (--skip_bad): {len(bad)}")
             for m in bad:
                 print(f"  {m}")
-    except InputError as e:
+    except (InputError, DataError, M.CheckpointError) as e:  # each names its file or flag
         raise SystemExit(f"error: {e}") from None
 
 

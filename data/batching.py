@@ -5,18 +5,24 @@ Batches for training from a split written by data/<name>/prepare.py (see data/oa
   for idx in length_grouped_batches(ds, batch_size=16, seed=0, epoch=0):
       x, y = collate([ds[i] for i in idx], ds.pad_id, max_len=512)    # (B, T) inputs, (B, T) targets, -100 = no loss
   for x, y in packed_batches(ds, batch_size=16, block_size=512, seed=0, epoch=0): ...
+  folder = prepare_dir("sample", "data/sample/tokenizer.model")      # data/sample/prepared/<key>/, made if missing
 
 Group-by-length is the QLoRA paper's (and Hugging Face's `group_by_length`): batches of similar length waste little
 on padding, and the longest batch goes first so an out-of-memory shows at step 1, not hours in.
 """
+import importlib
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.oasst1.prepare import DataError
+from data.oasst1.prepare import DataError, file_sha256
 
+DATA = Path(__file__).resolve().parent  # data/: a folder per dataset, each with its prepare.py
 IGNORE = -100  # target value that cross_entropy(ignore_index=-100) skips
 TRAIN, ASSISTANT = 1, 2  # bits of the .mask.bin flags (as in data/oasst1/prepare.py)
 
@@ -50,6 +56,57 @@ def load_meta(dir):
         if type(meta.get(k)) is not int or not 0 <= meta[k] < vocab:
             raise DataError(f"{file}: {k} is {meta.get(k)!r}, not a token id below vocab_size {vocab}")
     return meta
+
+
+def prepared_dir(name, tokenizer_path, train_on="assistant", root=DATA):
+    """root/<name>/prepared/<tokenizer hash>-<loss mode>-<prepare.py hash>/: the one place the key is made. Each
+    tokenizer, loss mode and version of the preparing script (its split, say) gets its own folder, so preparing
+    another never changes the files a running job has mapped, and a changed script never reads stale files."""
+    script = Path(root) / name / "prepare.py"
+    try:
+        key = f"{file_sha256(tokenizer_path)[:12]}-{train_on}-{file_sha256(script)[:8]}"
+    except OSError as e:
+        raise DataError(f"{e.filename}: cannot read ({e.strerror})") from None
+    return script.parent / "prepared" / key
+
+
+def remove_stale(folder):
+    """Remove the <key>.tmp<pid> folders in `folder` of processes that no longer exist: a run killed while
+    preparing leaves one behind. A live process's folder (another job preparing now) is never touched."""
+    for p in Path(folder).glob("*.tmp*"):
+        m = re.fullmatch(r".+\.tmp(\d+)", p.name)
+        if not m or not p.is_dir() or int(m[1]) == os.getpid():  # our own is the caller's to clear
+            continue
+        try:
+            os.kill(int(m[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (OSError, OverflowError):  # PermissionError: alive, another user's; a number no pid can be: keep
+            pass
+
+
+def prepare_dir(name, tokenizer_path, train_on="assistant", verbose=True):
+    """prepared_dir(name, ...), made first by data/<name>/prepare.py if it holds no meta.json yet: written whole
+    under <key>.tmp<pid> and renamed, so no reader ever sees half a folder. One process per folder should call it
+    (train.py: rank 0, the others wait at a barrier). Leftovers of killed runs are removed first."""
+    folder = prepared_dir(name, tokenizer_path, train_on)
+    if (folder / "meta.json").exists():
+        return folder
+    if folder.parent.is_dir():
+        remove_stale(folder.parent)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        importlib.import_module(f"data.{name}.prepare").prepare(
+            tokenizer_path=tokenizer_path, out_dir=tmp, train_on=train_on, verbose=verbose)
+    except BaseException:  # a failed or interrupted run leaves no half folder (a kill -9 does: remove_stale)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another job prepared the same folder first: its files are the same
+        shutil.rmtree(tmp)
+    return folder
 
 
 class Split:

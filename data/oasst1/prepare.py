@@ -235,13 +235,20 @@ def tokenize(sp, turns, train_on="assistant"):
 
 
 def download(url=URL, sha256=SHA256, dest=HERE / URL.rsplit("/", 1)[1]):
-    if dest.exists() and file_sha256(dest) == sha256: return dest
+    have = file_sha256(dest) if dest.is_file() else None
+    if have == sha256:
+        return dest
     print(f"downloading {url}")
     try:
         with urllib.request.urlopen(url, timeout=60) as r: data = r.read()
     except OSError as e:  # URLError, timeouts, no network
-        raise DataError(f"could not download {url} ({e}). Offline? Fetch that file elsewhere and pass it with "
-                        f"--input=path/to/{dest.name} (a .messages.jsonl(.gz) or Guanaco .jsonl file works too)") from e
+        # train.py --data=oasst1 takes no --input: the file at dest is the way in for both
+        there = f" ({dest} is there, but with sha256 {have[:12]}..., another file)" if have else ""
+        raise DataError(f"could not download {url} ({e}). Offline? Fetch that file elsewhere and put it at "
+                        f"{dest}{there}, where this script and --data=oasst1 (train.py, eval.py) look for it; "
+                        "or prepare another form of the release (.messages.jsonl(.gz), Guanaco .jsonl) with "
+                        "python data/oasst1/prepare.py --input=FILE --tokenizer=TOKENIZER and train with "
+                        "--data=data/oasst1") from e
     if hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"sha256 of {url} is {hashlib.sha256(data).hexdigest()}, expected {sha256}")
     part = dest.with_name(dest.name + ".part")
@@ -253,24 +260,36 @@ def file_sha256(p):
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
+def load_tokenizer(path):
+    """The sentencepiece model at path; an empty file or another format (tiktoken's, say) is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: an empty file, not a sentencepiece model")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:  # sentencepiece's way of saying the file is not a model
+        raise DataError(f"{path}: not a sentencepiece model ({str(e).strip()[:200]})") from None
+
+
 def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assistant", langs="", val_fraction=0.05,
             skip_bad=False, verbose=True):
     """Read, split, tokenize and write one release file; returns the meta dict (also written to meta.json)."""
     log = print if verbose else (lambda *a: None)
     if train_on not in ("assistant", "all"): raise ValueError(f"train_on is 'assistant' or 'all', not {train_on!r}")
     if tokenizer_path is None: raise ValueError("pass the model's sentencepiece file: --tokenizer=.../tokenizer.model")
-    input_path = Path(input_path) if input_path else download()
-    for p in (input_path, Path(tokenizer_path)):
-        if not p.is_file(): raise DataError(f"{p}: no such file")
-    langs = tuple(langs.split(",")) if isinstance(langs, str) and langs else tuple(langs or ())
-    convs, form, stats = read_conversations(input_path, langs, skip_bad)
-    log(f"read {input_path} ({form} form): " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    sp = load_tokenizer(tokenizer_path)  # before a download or a long read, which a bad tokenizer would waste
     # LLaMA's tokenizer has no pad piece (pad_id -1): pad with unk (0) then; never with EOS, which must stay meaningful
     pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()
     if min(sp.bos_id(), sp.eos_id(), pad_id) < 0 or pad_id == sp.eos_id():
-        raise ValueError(f"{tokenizer_path}: needs bos, eos and a pad (or unk) id that is not eos")
+        raise DataError(f"{tokenizer_path}: needs bos, eos and a pad (or unk) id that is not eos")
+    input_path = Path(input_path) if input_path else download()
+    if not input_path.is_file():
+        raise DataError(f"{input_path}: no such file")
+    langs = tuple(langs.split(",")) if isinstance(langs, str) and langs else tuple(langs or ())
+    convs, form, stats = read_conversations(input_path, langs, skip_bad)
+    log(f"read {input_path} ({form} form): " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
     dtype = np.uint16 if sp.vocab_size() <= 2**16 else np.uint32
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(format="guanaco: BOS, then per exchange '### Human: {prompt}### Assistant:' + ' {reply}' + EOS",

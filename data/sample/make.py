@@ -108,4 +108,9 @@ def main(out_dir=HERE):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if len(sys.argv) > 2 or len(sys.argv) == 2 and not Path(sys.argv[1]).is_dir():
+        sys.exit(f"error: {' '.join(sys.argv[1:])}: make.py takes at most one argument, an existing folder to write to")
+    try:
+        main(*sys.argv[1:])
+    except OSError as e:  # a folder it may not write in
+        sys.exit(f"error: {e.filename}: cannot write ({e.strerror})")

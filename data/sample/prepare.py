@@ -3,8 +3,8 @@ Tokenize the bundled sample (sample.trees.jsonl, made by make.py) with its own t
 the same pipeline and files as data/oasst1/prepare.py, only other defaults. Flags are the same, e.g. --train_on=all.
 
   python data/sample/prepare.py
-  # train: 2,268 conversations, 47,018 tokens (23% in the loss), length min/mean/p95/max 16/20.7/24/34
-  # val: 132 conversations, 2,757 tokens: the held-out prompts (Split.prompt_answer) for exact-answer accuracy
+  # train: 1,905 conversations, 39,413 tokens (23% in the loss), length min/mean/p95/max 16/20.7/24/34
+  # val: 495 conversations, 10,362 tokens: the held-out prompts (Split.prompt_answer) for exact-answer accuracy
 """
 import sys
 from pathlib import Path

@@ -25,10 +25,13 @@ so ~11 min idle).
 """
 import copy
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # set before torch loads OpenMP: README, "A busy CPU"
 
 import torch
 import torch.nn.functional as F
@@ -179,5 +182,14 @@ if __name__ == "__main__":
     if not kw.get("steps", "1").isdigit() or int(kw.get("steps", STEPS)) < 1 or \
             kw.get("evaluate", "true") not in ("true", "false"):
         sys.exit("error: --steps takes a whole number >= 1, --evaluate true or false")
+    for flag in ("out_dir", "out16"):  # written after the training: a folder that cannot be made fails now
+        if flag not in kw:
+            continue
+        if not kw[flag]:
+            sys.exit(f"error: --{flag}= needs a folder name")
+        try:
+            Path(kw[flag]).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: --{flag}={kw[flag]}: cannot make that folder ({e.strerror})")
     pretrain(Path(kw.get("out_dir", HERE / "base")), int(kw.get("steps", STEPS)), kw.get("out16"),
              evaluate=kw.get("evaluate", "true") == "true")

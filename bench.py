@@ -19,14 +19,16 @@ writes them, under a header (date, commit, machine, package versions), into its 
            AdamW, chunked loss, offloaded activations) off, alone and all on: peak memory, managed states, tokens/s
            (--quick on CPU: the same loop on the tiny preset, a smoke test)
   paper    Table 2 (perplexity by 4-bit data type) on a real pretrained model; QLoRA against 16-bit LoRA (train.py)
+  busy     only when asked, CPU: the default run (python train.py) idle and beside two busy processes, with
+           libgomp's default spin-wait and with the entry scripts' GOMP_SPINCOUNT
   compile  only when asked: every Triton kernel specialization compiled for sm_80 and sm_90 without a GPU
            (bench/compile.py): registers, spills, shared memory
 The peers (transformers, peft, bitsandbytes) are optional: where one is missing, its rows say so, never a number.
+A bad flag, --out or --models folder is one line, `error: ...`, before any section runs.
 """
 import argparse
 import ctypes
 import gc
-import importlib
 import importlib.metadata
 import itertools
 import json
@@ -42,6 +44,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # set before torch loads OpenMP: README, "A busy CPU"
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,20 +54,21 @@ import kernels
 import model as M
 import qlora as Q
 from paged_adamw import PagedAdamW, PagedAdamW8bit, cudart, state_bytes
+from peers import PEERS, import_peer, installed
 from train import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / "shared" / "assets"  # real test assets beside the repo (see tests/conftest.py)
-SECTIONS = ("quant", "dequant", "step", "fsdp", "scale", "paper", "compile")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # compile (16-30 minutes on 2 cores) runs only when asked for
+SECTIONS = ("quant", "dequant", "step", "fsdp", "scale", "paper", "busy", "compile")
+DEFAULT_SECTIONS = SECTIONS[:-2]  # busy (several minutes of loaded runs) and compile (16-30 minutes) when asked for
 TITLES = dict(quant="1. Quantization: NF4 + double quantization, LLaMA-7B layer shapes",
               dequant="Dequantization throughput", step="2. Training step: ~60M LLaMA, LoRA r=16, NF4 + DQ",
               fsdp="2b. FSDP against DDP: the per-rank memory of a 2-rank step, ~60M LLaMA",
               scale="3. Memory at scale", paper="Reproduction (`--paper`)",
+              busy="The default run on a busy CPU: OpenMP's spin-wait (`--section=busy`)",
               compile="The Triton kernels compiled for sm_80 and sm_90, without a GPU (`--section=compile`)")
 SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): attention; gate and up; down
 STEP_MODEL = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=512)  # 60.1M parameters
-PEERS = ("transformers", "peft", "bitsandbytes")
 
 # -----------------------------------------------------------------------------
 # helpers: printing, timing, the results file
@@ -81,12 +86,12 @@ def table(out, head, rows):
 
 
 def peer(name, out):
-    """A peer package, or None after saying that its comparison is skipped (a missing peer is never a number)."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
+    """A peer package, or None after saying that its comparison is skipped (a missing peer is never a number).
+    An installed one that fails to import is an error, not a skip."""
+    if installed(name) is None:
         say(out, f"skipped: {name} not installed")
         return None
+    return import_peer(name)  # beside our kernels.py: peers.py says why that takes care
 
 
 def sync(device):
@@ -313,7 +318,7 @@ def step_child(a, device):
             forward = None
             loss_fn = lambda: model(x, targets=y) / y.numel()
     else:
-        transformers, peft = importlib.import_module("transformers"), importlib.import_module("peft")
+        transformers, peft = import_peer("transformers"), import_peer("peft")
         bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         where = {"": 0 if device.type == "cuda" else "cpu"}  # the whole model on GPU 0 (or the CPU)
@@ -583,6 +588,42 @@ def bench_fsdp(device, a, out):
                                                                           "DIFFER (more than 1e-4 relative)."))
 
 # -----------------------------------------------------------------------------
+# the default run on a busy CPU
+
+SPIN_COUNTS = {"libgomp's default (300,000 spins, ~3 ms)": "300000", "the entry scripts' (20,000 spins)": "20000"}
+
+
+def bench_busy(device, a, out):
+    """torch's OpenMP threads spin at every barrier (libgomp: 300,000 spins, ~3 ms) before they sleep. On a core that
+    another process also wants, a spinning thread burns the time slice its partner needs to reach the barrier."""
+    if device.type != "cpu":
+        return say(out, "skipped: a CPU section (on CUDA the OpenMP threads wait on the GPU, not on each other)")
+    steps = 20 if a.quick else 600
+    rows = []
+    for load in (0, 2):
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+        try:
+            for name, spin in SPIN_COUNTS.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    t = time.perf_counter()
+                    cmd = [sys.executable, "train.py", f"--max_steps={steps}", f"--out_dir={tmp}/out"]
+                    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                       env=dict(os.environ, GOMP_SPINCOUNT=spin))
+                    if p.returncode:
+                        raise RuntimeError(f"busy section: train.py failed:\n{p.stderr[-3000:]}")
+                    rows.append((load, name, time.perf_counter() - t))
+                    print(f"  {load} busy, {name}: {rows[-1][2]:.0f} s", flush=True)
+        finally:
+            for b in busy:
+                b.kill()
+    idle = {name: t for load, name, t in rows if load == 0}
+    say(out, f"`python train.py --max_steps={steps}` (the default run, held-out answers included) on {os.cpu_count()} "
+        "cores, alone and beside two processes that each spin a core (`while True: pass`, not niced), each "
+        "spin-wait setting once (loaded runs vary from run to run: repeat before trusting one figure).\n")
+    table(out, ["busy processes", "OpenMP spin-wait", "wall s", "/ idle"],
+          [[load, name, f"{t:.0f}", f"{t / idle[name]:.2f}x"] for load, name, t in rows])
+
+# -----------------------------------------------------------------------------
 # 3. memory at scale (CUDA only): LLaMA-7B and 65B shapes with random weights
 
 
@@ -790,8 +831,10 @@ def train_pair(jobs, common):
 
 def bench_paper(device, a, out):
     say(out, "### Table 2 at small scale: perplexity by 4-bit data type, block size 64\n")
-    for d in [Path(m) for m in a.models.split(",") if m]:
-        if (d / "config.json").exists() and (d / "tokenizer.model").exists():
+    for d in model_dirs(a):  # --models' folders were checked by check_flags; the default one may be absent
+        if not (ASSETS / "oasst1" / "en_100_tree.jsonl").exists():
+            say(out, f"skipped: {ASSETS / 'oasst1' / 'en_100_tree.jsonl'} not present (the held-out text)")
+        elif (d / "config.json").exists() and (d / "tokenizer.model").exists():
             table2(d, device, a, out)
         else:
             say(out, f"skipped: {d} not present (a Hugging Face model folder with tokenizer.model)")
@@ -856,15 +899,66 @@ def bench_compile(device, a, out):
 # -----------------------------------------------------------------------------
 
 
+class BenchError(ValueError):
+    """A user's mistake (a flag, a missing or unreadable file): one line at the CLI, `error: ...`."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors as one line too, as sample.py's
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def model_dirs(a):
+    """The paper section's model folders: --models', or stories260K beside the repo by default."""
+    return [Path(m) for m in (str(ASSETS / "stories260K") if a.models is None else a.models).split(",") if m]
+
+
+def check_flags(a, names):
+    """Refuse, before the sections run for minutes, what would stop them halfway or at the end (the results file)."""
+    if not 0 <= a.threads <= os.cpu_count():
+        raise BenchError(f"--threads must be from 0 (the idle cores) to {os.cpu_count()} (this machine's cores), "
+                         f"not {a.threads}")
+    if a.steps < 1:
+        raise BenchError(f"--steps must be at least 1, not {a.steps}")
+    if a.paper and a.section:
+        raise BenchError(f"--paper is --section=paper: give one of --paper and --section={a.section}")
+    if (a.impl or a.dist) and not a.ckpt:  # the internal modes of the step and fsdp sections
+        raise BenchError(f"--{'impl' if a.impl else 'dist'} (internal to the step and fsdp sections) needs --ckpt=DIR")
+    if a.dist and not (a.dist_out and "WORLD_SIZE" in os.environ):
+        raise BenchError("--dist (internal to the fsdp section) runs as one rank under torchrun, with --dist_out=DIR")
+    if a.impl or a.dist:
+        M.load_args(a.ckpt)  # a CheckpointError naming the folder's missing or bad config
+        return
+    if a.out.is_dir():
+        raise BenchError(f"--out={a.out}: a directory, not the results file (e.g. bench/RESULTS.md)")
+    if not (up := next(p for p in a.out.parents if p.exists())).is_dir():  # what write_section's mkdir builds on
+        raise BenchError(f"--out={a.out}: {up} is a file, not a directory")
+    if a.out.exists():  # write_section reads it to keep the other sections
+        try:
+            a.out.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BenchError(f"--out={a.out}: cannot read the results file ({e})") from None
+    if a.models is not None and "paper" in names:  # folders asked for by name must be there and load
+        if not model_dirs(a):
+            raise BenchError(f"--models={a.models}: names no folder")
+        for d in model_dirs(a):
+            if not (d / "config.json").is_file() or not (d / "tokenizer.model").is_file():
+                raise BenchError(f"--models: {d} is not a Hugging Face model folder (config.json, tokenizer.model)")
+            n_ids = M.Tokenizer(d / "tokenizer.model").vocab_size  # a CheckpointError naming a file that is not one
+            if n_ids > (rows := M.load_args(d).vocab_size):
+                raise BenchError(f"{d / 'tokenizer.model'}: {n_ids} token ids, the model in {d} has only {rows}")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="qlora benchmarks; see the docstring of bench.py")
+    ap = Parser(description="qlora benchmarks; see the docstring of bench.py")
     ap.add_argument("--section", choices=SECTIONS, help="run only this section (default: all but compile)")
     ap.add_argument("--paper", action="store_true", help="the reproductions only: the same as --section=paper")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and runs: checks that it works, in seconds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="the results file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: the idle cores)")
-    ap.add_argument("--models", default=str(ASSETS / "stories260K"),
-                    help="comma-separated Hugging Face model folders for the perplexity table")
+    ap.add_argument("--models", help="comma-separated Hugging Face model folders for the perplexity table "
+                                     f"(default: {ASSETS / 'stories260K'}, where present)")
     # internal: one configuration of the step section, run in a child process for its own peak memory
     ap.add_argument("--impl", choices=("ours", "peer"))
     ap.add_argument("--quant", choices=("nf4", "none"), default="nf4")
@@ -879,21 +973,29 @@ def main(argv=None):
     ap.add_argument("--dist", choices=DIST_MODES)
     ap.add_argument("--dist_out")
     a = ap.parse_args(argv)
+    names = [a.section] if a.section else ["paper"] if a.paper else DEFAULT_SECTIONS
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    a.threads = a.threads or default_threads()
-    if a.impl:
-        return step_child(a, device)
-    if a.dist:
-        return dist_child(a, device)
-    torch.set_num_threads(a.threads)
-    run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, fsdp=bench_fsdp, scale=bench_scale,
-               paper=bench_paper, compile=bench_compile)
-    for name in [a.section] if a.section else ["paper"] if a.paper else DEFAULT_SECTIONS:
-        print(f"\n== {TITLES[name]}", flush=True)
-        out, t0 = [], time.time()
-        head = header(device)
-        run[name](device, a, out)
-        write_section(a.out, name, f"{head} · section took {time.time() - t0:.0f} s", out)
+    try:
+        check_flags(a, names)
+        a.threads = a.threads or default_threads()
+        if a.impl:
+            return step_child(a, device)
+        if a.dist:
+            return dist_child(a, device)
+        torch.set_num_threads(a.threads)
+        run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, fsdp=bench_fsdp, scale=bench_scale,
+                   paper=bench_paper, busy=bench_busy, compile=bench_compile)
+        for name in names:
+            print(f"\n== {TITLES[name]}", flush=True)
+            out, t0 = [], time.time()
+            head = header(device)
+            run[name](device, a, out)
+            try:
+                write_section(a.out, name, f"{head} · section took {time.time() - t0:.0f} s", out)
+            except OSError as e:  # a full disk, a folder made read-only meanwhile: the figures are printed above
+                raise BenchError(f"--out={a.out}: cannot write the results file ({e.strerror or e})") from None
+    except (BenchError, M.CheckpointError) as e:  # bad input; anything else is a bug and keeps its traceback
+        sys.exit(f"error: {e}")
     print(f"\nwritten: {a.out}")
 
 

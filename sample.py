@@ -9,12 +9,16 @@ The prompt is wrapped in Guanaco's chat format ("### Human: ...### Assistant:") 
 Greedy decoding with --temperature=0, nucleus sampling otherwise; a KV cache either way. A prompt that does not
 leave room for one new token in the model's context (max_seq_len) is refused, not cut: cutting it from the left
 would drop the BOS and the "### Human:" marker the model was tuned on. Generation stops at the context's end.
+Ids past the tokenizer's (a model's embedding rows padded to a round number) are never sampled.
 Every mistake (a flag out of range, a missing folder, a bad checkpoint or adapter) is one line, `error: ...`.
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # set before torch loads OpenMP: README, "A busy CPU"
 
 import torch
 
@@ -48,6 +52,12 @@ def check_flags(a):
         raise SampleError(f"--top_p must be in (0, 1], not {a.top_p}")
     if a.max_new_tokens <= 0:
         raise SampleError(f"--max_new_tokens must be at least 1, not {a.max_new_tokens}")
+    if not 0 <= a.seed < 2**63:  # torch takes up to 2**64-1 and maps -1 to it: one seed, one spelling
+        raise SampleError(f"--seed must be a whole number from 0 to 2**63-1, not {a.seed}")
+    try:
+        a.prompt.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as lone surrogates, which sentencepiece rejects
+        raise SampleError("--prompt is not valid UTF-8 text") from None
     if not Path(a.init_from).is_dir():
         raise SampleError(f"--init_from={a.init_from}: no such directory (a model folder with tokenizer.model)")
     if a.adapter is not None and not Path(a.adapter).is_dir():
@@ -58,6 +68,21 @@ def check_flags(a):
         raise SampleError(f"--device={a.device}: not a device; use cpu or cuda") from None
     if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
         raise SampleError(f"--device={a.device}: not available here; use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SampleError(f"--device={a.device}: no such GPU; this machine has {torch.cuda.device_count()}, "
+                          "numbered from 0")
+
+
+def checked_logits(a, n_ids):
+    """A forward hook on the model, for model.generate's every step: NaN or infinity in what model.sample_next will
+    read (broken weights, or logits / temperature overflowing) is an error rather than a crash in torch.multinomial."""
+    def hook(module, args, logits):  # logits: (B, T, vocab)
+        last = logits[:, -1, :n_ids].float()
+        if not torch.isfinite(last).all():
+            raise SampleError(f"{a.init_from}: the model's logits hold NaN or infinity: broken weights")
+        if a.temperature and not torch.isfinite(last / a.temperature).all():
+            raise SampleError(f"--temperature={a.temperature}: the logits divided by it overflow; use 0 for greedy")
+    return hook
 
 
 def generate(a):
@@ -66,14 +91,14 @@ def generate(a):
     tok_path = Path(a.init_from) / "tokenizer.model"
     if not tok_path.is_file():
         raise SampleError(f"{tok_path}: missing; the model's sentencepiece tokenizer.model belongs beside its weights")
-    try:
-        tok = M.Tokenizer(tok_path)
-    except (RuntimeError, OSError) as e:  # sentencepiece's way of saying the file is not a model
-        raise SampleError(f"{tok_path}: not a sentencepiece model ({str(e).strip()[:200]})") from None
+    tok = M.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
+    if tok.bos_id < 0:  # as data/oasst1/prepare.py, which refuses such a tokenizer for training
+        raise SampleError(f"{tok_path}: defines no BOS id, which every prompt starts with")
     model = load(a.init_from, a.adapter, a.device, a.quantize).eval()
     if tok.vocab_size > model.args.vocab_size:
         raise SampleError(f"{tok_path}: {tok.vocab_size} token ids, the model in {a.init_from} has only "
                           f"{model.args.vocab_size}: not this model's tokenizer")
+    model.register_forward_hook(checked_logits(a, tok.vocab_size))
     text = a.prompt if a.raw else f"### Human: {a.prompt}### Assistant:"
     ids, ctx = tok.encode(text, bos=True), model.args.max_seq_len
     if len(ids) >= ctx:
@@ -83,7 +108,7 @@ def generate(a):
         print(f"note: the context of {ctx} tokens leaves room for {ctx - len(ids)} new tokens, not "
               f"{a.max_new_tokens}", file=sys.stderr)
     out = model.generate(torch.tensor([ids], device=a.device), a.max_new_tokens, a.temperature, a.top_p,
-                         eos_id=tok.eos_id)
+                         eos_id=tok.eos_id, n_ids=tok.vocab_size)
     return tok.decode([t for t in out[0].tolist() if t not in (tok.bos_id, tok.eos_id)])
 
 

@@ -626,6 +626,10 @@ def bench_busy(device, a, out):
         "stays the same either way: it changes the low bits of the losses, and runs must repeat bit for bit.\n")
     table(out, ["busy processes", "OpenMP threads at a barrier", "wall s", "/ idle"],
           [[load, name, f"{t:.0f}", f"{t / idle[name]:.2f}x"] for load, name, t in rows])
+    before, after = (t for load, _, t in rows if load == 2)
+    say(out, f"\nAs the entry scripts run it (nothing set when idle, PASSIVE when busy): {after / rows[0][2]:.2f}x the "
+        f"idle run beside two busy processes, against {before / rows[0][2]:.2f}x before. Two busy processes take half "
+        "of 2 cores: 2x is the fair share.")
 
 # -----------------------------------------------------------------------------
 # 3. memory at scale (CUDA only): LLaMA-7B and 65B shapes with random weights

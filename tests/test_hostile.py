@@ -204,3 +204,11 @@ def test_a_random_base_is_saved_for_every_quant_type(quant, tmp_path, capsys):
     batches = [T.collate([val[i] for i in range(s, min(s + cfg.batch_size, len(val)))], val.pad_id, cfg.max_seq_len)
                for s in range(0, len(val), cfg.batch_size)][:cfg.eval_batches]
     assert T.estimate_loss(model, batches, torch.device("cpu")) == pytest.approx(logged, abs=1e-4)
+
+
+def test_pretraining_never_replaces_the_committed_base_unasked():
+    before = snapshot(BASE)
+    p = subprocess.run([sys.executable, "data/sample/pretrain.py", "--steps=1", "--evaluate=false"], cwd=ROOT,
+                       capture_output=True, text=True)
+    one_line_error(p.returncode, p.stderr, "holds a model: add --overwrite")
+    assert snapshot(BASE) == before

@@ -177,9 +177,13 @@ def pretrain(out_dir=HERE / "base", steps=STEPS, out16=None, log_every=100, eval
 
 if __name__ == "__main__":
     kw = dict(a.removeprefix("--").partition("=")[::2] for a in sys.argv[1:])
-    if bad := sorted(set(kw) - {"out_dir", "steps", "out16", "evaluate"}):
-        sys.exit(f"error: unknown settings {bad}; pretrain.py takes --out_dir=DIR, --steps=N, --out16=DIR and "
-                 "--evaluate=true|false")
+    if bad := sorted(set(kw) - {"out_dir", "steps", "out16", "evaluate", "overwrite"}):
+        sys.exit(f"error: unknown settings {bad}; pretrain.py takes --out_dir=DIR, --steps=N, --out16=DIR, "
+                 "--evaluate=true|false and --overwrite")
+    for flag in ("out_dir", "out16"):  # the committed base (data/sample/base) is replaced only when asked
+        if (Path(kw.get(flag, HERE / "base" if flag == "out_dir" else "")) / "model.safetensors").exists() \
+                and "overwrite" not in kw:
+            sys.exit(f"error: --{flag}={kw.get(flag, HERE / 'base')} holds a model: add --overwrite to replace it")
     if not kw.get("steps", "1").isdigit() or int(kw.get("steps", STEPS)) < 1 or \
             kw.get("evaluate", "true") not in ("true", "false"):
         sys.exit("error: --steps takes a whole number >= 1, --evaluate true or false")

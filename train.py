@@ -608,7 +608,7 @@ def save_checkpoint(cfg, model, optimizer, step, base_path, params):
     fd = os.open(out, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-    for old in [p for p in checkpoints(out) if not p.name.endswith(".tmp")][:-cfg.keep_ckpts]:
+    for old in checkpoints(out)[:-cfg.keep_ckpts]:
         shutil.rmtree(old)
     return final
 
@@ -692,7 +692,7 @@ def resume_from(cfg, model, compute_dtype, log):
     saying so. --resume=<checkpoint>: that one, and the newer ones (another future of the run) are renamed aside.
     No checkpoint to go on from is an error: a fresh start would replace the run's adapter and log."""
     out = Path(cfg.out_dir)
-    done = [p for p in checkpoints(out) if not p.name.endswith(".tmp")]
+    done = checkpoints(out)
     if cfg.resume != "latest":
         chosen = Path(cfg.resume)
         if chosen.resolve() not in [p.resolve() for p in done]:
@@ -712,31 +712,33 @@ def resume_from(cfg, model, compute_dtype, log):
             continue
         log(f"resuming from {ckpt} at step {state['step']}")
         if is_main():
-            for newer in (p for p in checkpoints(out) if p.name > ckpt.name and not p.name.endswith(".tmp")):
+            for newer in (p for p in checkpoints(out) if p.name > ckpt.name):
                 aside = newer.with_name(f"{newer.name}.abandoned-{int(time.time())}")
                 os.replace(newer, aside)
                 log(f"--resume: {newer.name} (after the checkpoint resumed) kept as {aside.name}")
         return state
-    raise ConfigError(f"--resume: no intact checkpoint in {out} ({'damaged: ' + ', '.join(damaged) if damaged else 'none'}"
-                      "); nothing was changed. Start a new run with another --out_dir, or --overwrite to replace it")
+    found = f"damaged: {', '.join(damaged)}" if damaged else "none"
+    raise ConfigError(f"--resume: no intact checkpoint in {out} ({found}); nothing was changed. Start a new run with "
+                      "another --out_dir, or --overwrite to replace it")
 
 
 # -----------------------------------------------------------------------------
 # the out_dir rule: a run's files are never written over without a flag
 
 
-# A run is known by its log.jsonl, the first file it writes (empty, as it claims the folder), or by checkpoints. What
-# it may write besides: the adapter, the 4-bit base of a random-init run, and their temporary names.
+# A run is known by its log.jsonl, the first file it writes (before a random base, or as its loop starts), or by its
+# checkpoints. What it may write besides: the adapter, the 4-bit base of a random-init run, their temporary names.
 RUN_FILES = ("log.jsonl", "adapter", "adapter.tmp", "adapter.old", "base")
 
 
-def checkpoints(out):
-    """The checkpoint folders a run wrote in out (ckpt-NNNNNN, and ckpt-NNNNNN.tmp of one killed mid-write)."""
-    return sorted(p for p in Path(out).glob("ckpt-*") if re.fullmatch(r"ckpt-\d{6}(\.tmp)?", p.name))
+def checkpoints(out, partial=False):
+    """The ckpt-NNNNNN folders a run wrote in out, oldest first; partial: with ckpt-NNNNNN.tmp, a kill mid-write."""
+    name = r"ckpt-\d{6}(\.tmp)?" if partial else r"ckpt-\d{6}"
+    return sorted(p for p in Path(out).glob("ckpt-*") if re.fullmatch(name, p.name))
 
 
 def holds_run(out):
-    return (out / "log.jsonl").is_file() or bool(checkpoints(out))
+    return (out / "log.jsonl").is_file() or bool(checkpoints(out, partial=True))
 
 
 def holds_files(out):
@@ -761,7 +763,7 @@ def claim_out_dir(cfg):
             raise ConfigError(f"--overwrite: {out} holds {', '.join(f for f in RUN_FILES if (out / f).exists())} "
                               "but no run of train.py (no log.jsonl): nothing there is ours to delete; pick another "
                               "--out_dir")
-        return [out / f for f in RUN_FILES if (out / f).exists()] + checkpoints(out)
+        return [out / f for f in RUN_FILES if (out / f).exists()] + checkpoints(out, partial=True)
     n = 2
     while holds_files(Path(f"{cfg.out_dir}-{n}")):
         n += 1

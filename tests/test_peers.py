@@ -15,7 +15,7 @@ from conftest import ROOT
 def test_peer_imports_beside_our_kernels(name):
     if peers.installed(name) is None:
         if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing under CI: requirements-dev.txt installs it, and its parity tests would skip")
+            pytest.fail(f"{name} is missing under CI: requirements-dev.txt installs it; its parity tests would skip")
         pytest.skip(f"{name} not installed: its parity tests skip")
     code = ("import sys, qlora, kernels, peers\n"  # ours first, as in the tests: then the peer, then ours again
             f"m = peers.import_peer({name!r})\n"

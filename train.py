@@ -693,12 +693,8 @@ def resume_from(cfg, model, compute_dtype, log):
     No checkpoint to go on from is an error: a fresh start would replace the run's adapter and log."""
     out = Path(cfg.out_dir)
     done = checkpoints(out)
-    if cfg.resume != "latest":
-        chosen = Path(cfg.resume)
-        if chosen.resolve() not in [p.resolve() for p in done]:
-            raise ConfigError(f"--resume={cfg.resume}: not a checkpoint of {out} (those are: "
-                              f"{', '.join(p.name for p in done) or 'none'})")
-        done = [p for p in done if p.resolve() == chosen.resolve()]
+    if cfg.resume != "latest":  # one of them (claim_out_dir checked)
+        done = [p for p in done if p.resolve() == Path(cfg.resume).resolve()]
     damaged = []
     for ckpt in reversed(done):
         try:
@@ -755,6 +751,9 @@ def claim_out_dir(cfg):
     if cfg.resume:
         if not holds_run(out):
             raise ConfigError(f"--resume: {out} holds no run (no log.jsonl, no ckpt-NNNNNN): nothing to go on with")
+        if cfg.resume != "latest" and Path(cfg.resume).resolve() not in [p.resolve() for p in checkpoints(out)]:
+            raise ConfigError(f"--resume={cfg.resume}: not a checkpoint of {out} (those are: "
+                              f"{', '.join(p.name for p in checkpoints(out)) or 'none'})")
         return []
     if not holds_files(out):
         return []

@@ -320,11 +320,11 @@ def datasets():
 def get_data(cfg, tokenizer_path, device):
     """--data=<name>: data/<name>/prepared/<tokenizer hash>-<loss mode>-<prepare.py hash>/, prepared on first use
     (data.batching.prepare_dir); or --data=<path> of a folder that data/*/prepare.py already wrote."""
-    if cfg.data.rstrip("/") in datasets():
+    if (name := cfg.data.rstrip("/")) in datasets():
         if is_main():  # one process prepares, the others wait for it
-            prepare_dir(cfg.data.rstrip("/"), tokenizer_path, cfg.train_on)
+            prepare_dir(name, tokenizer_path, cfg.train_on)
         barrier(device)
-        folder = prepared_dir(cfg.data.rstrip("/"), tokenizer_path, cfg.train_on)
+        folder = prepared_dir(name, tokenizer_path, cfg.train_on)
     elif cfg.data and (Path(cfg.data) / "meta.json").exists():
         folder, meta = Path(cfg.data), load_meta(cfg.data)
         want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=cfg.train_on)

@@ -21,7 +21,14 @@ Writes to --out_dir, per split (train, val; ~5% of trees by a hash of message_tr
 The 2023-04-12 ready release holds 10,364 trees (88,838 messages); Guanaco took one conversation from each,
 9,846 train + 518 test (its own split; ours is by hash, the same ~5% but not the same trees).
 """
-import gzip, hashlib, inspect, json, re, sys, urllib.request, zlib
+import gzip
+import hashlib
+import inspect
+import json
+import re
+import sys
+import urllib.request
+import zlib
 from collections import Counter, namedtuple
 from pathlib import Path
 
@@ -56,11 +63,17 @@ def split_of(tree_id, val_fraction=0.05):
 # ----------------------------------------------------------------------------- reading the release forms
 
 def detect_form(obj):
-    if not isinstance(obj, dict): return None
-    if "prompt" in obj: return "trees"
-    if "replies" in obj: return "nested"
-    if "parent_id" in obj: return "flat"
-    if "text" in obj and "role" not in obj: return "guanaco"
+    """The release form of one line, from a field only that form has; None if it is no known form."""
+    if not isinstance(obj, dict):
+        return None
+    if "prompt" in obj:
+        return "trees"
+    if "replies" in obj:
+        return "nested"
+    if "parent_id" in obj:
+        return "flat"
+    if "text" in obj and "role" not in obj:
+        return "guanaco"
     return None
 
 
@@ -75,9 +88,11 @@ def need(m, *fields):
     kinds = dict(text=(str,), message_id=(str,), message_tree_id=(str,), parent_id=(str, type(None)),
                  replies=(list,), rank=(int, type(None)))
     for f, ok in kinds.items():
-        if (f in fields or f == "rank" and f in m) and not (isinstance(m[f], ok) and not isinstance(m[f], bool)):
-            raise DataError(f"{f!r} of message {m.get('message_id', '?')!r} is of type {type(m[f]).__name__}, not "
-                            f"{' or '.join('null' if t is type(None) else t.__name__ for t in ok)}", m.get("_line"))
+        checked = f in fields or f == "rank" and f in m  # rank is optional, but typed when present
+        if checked and not (isinstance(m[f], ok) and not isinstance(m[f], bool)):  # bool is an int subclass
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in ok)
+            raise DataError(f"{f!r} of message {m.get('message_id', '?')!r} is of type {type(m[f]).__name__}, "
+                            f"not {allowed}", m.get("_line"))
 
 
 def usable(m):
@@ -88,40 +103,56 @@ def usable(m):
 def best_path(root, stats):
     """Follow the best-ranked usable reply from the root down; returns the (role, text) turns."""
     need(root, "message_id", "role", "text", "replies")
-    if root["role"] != "prompter": raise DataError(f"root {root['message_id']} is not a prompter", root.get("_line"))
+    if root["role"] != "prompter":
+        raise DataError(f"root {root['message_id']} is not a prompter", root.get("_line"))
     path = [root]
     while True:
         kids = path[-1]["replies"]
-        for k in kids: need(k, "message_id", "role", "text", "replies")
+        for k in kids:
+            need(k, "message_id", "role", "text", "replies")
         good = [k for k in kids if usable(k)]
         stats["dropped replies (deleted or failed review)"] += len(kids) - len(good)
-        if not good: break
+        if not good:
+            break
         # rank 0 is best; unranked (null/absent) after ranked; message_id breaks ties independent of file order
         best = min(good, key=lambda k: (k.get("rank") is None, k.get("rank") or 0, k["message_id"]))
         want = "assistant" if path[-1]["role"] == "prompter" else "prompter"
-        if best["role"] != want: raise DataError(f"message {best['message_id']} should be {want}", best.get("_line"))
+        if best["role"] != want:
+            raise DataError(f"message {best['message_id']} should be {want}", best.get("_line"))
         path.append(best)
-    if path[-1]["role"] == "prompter": path.pop()  # an unanswered question teaches nothing
+    if path[-1]["role"] == "prompter":  # an unanswered question teaches nothing
+        path.pop()
     return tuple((m["role"], m["text"]) for m in path)
 
 
 def to_conversation(tree_id, root, state, langs, stats):
+    """The conversation of one message tree, or None (counted in stats) if the filters drop it."""
     if not isinstance(tree_id, str):
         raise DataError(f"tree id {tree_id!r} is of type {type(tree_id).__name__}, not str")
     need(root)  # an object, before its fields are read
     stats["trees"] += 1
-    if state not in (None, "ready_for_export"): stats["dropped trees (not ready_for_export)"] += 1; return None
+    if state not in (None, "ready_for_export"):
+        stats["dropped trees (not ready_for_export)"] += 1
+        return None
     if langs:
         need(root, "lang")
-        if root["lang"] not in langs: stats["dropped trees (language)"] += 1; return None
-    if not usable(root): stats["dropped trees (deleted or failed review)"] += 1; return None
+        if root["lang"] not in langs:
+            stats["dropped trees (language)"] += 1
+            return None
+    if not usable(root):
+        stats["dropped trees (deleted or failed review)"] += 1
+        return None
     turns = best_path(root, stats)
-    if not turns: stats["dropped trees (no usable reply)"] += 1; return None
+    if not turns:
+        stats["dropped trees (no usable reply)"] += 1
+        return None
     return Conversation(tree_id, turns)
 
 
 def from_guanaco(obj, langs, stats):
-    if langs: raise DataError("the language filter needs 'lang', which Guanaco text rows lack")
+    """The conversation of one Guanaco text row, or None (counted in stats) if no question is answered."""
+    if langs:
+        raise DataError("the language filter needs 'lang', which Guanaco text rows lack")
     need(obj, "text")
     stats["trees"] += 1
     # "### Human: a### Assistant: b..." -> ['', 'Human', 'a', 'Assistant', 'b', ...]
@@ -131,7 +162,9 @@ def from_guanaco(obj, langs, stats):
         raise DataError("text is not '### Human: ...### Assistant: ...' alternating from Human")
     turns = [("prompter" if r == "Human" else "assistant", t) for r, t in zip(roles, parts[2::2])]
     turns = turns[:len(turns) // 2 * 2]  # cut an unanswered question
-    if not turns: stats["dropped trees (no usable reply)"] += 1; return None
+    if not turns:
+        stats["dropped trees (no usable reply)"] += 1
+        return None
     # no tree id in this form: the text's hash stands in for it (so its split differs from the tree forms')
     return Conversation(hashlib.sha256(obj["text"].encode()).hexdigest(), tuple(turns))
 
@@ -141,81 +174,111 @@ def read_lines(path):
     lineno = 0
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1): yield lineno, raw
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: unreadable after line {lineno} ({type(e).__name__}: {e})") from e
+
+
+def link_flat(flat, path, skip_bad, stats):
+    """Add each flat message (message id -> message) to its parent's replies; returns the roots. Messages
+    whose parent is not in the file are counted as orphans. A parent_id chain that loops reaches no root, so
+    its messages would vanish uncounted: a DataError, or with skip_bad a count in stats."""
+    roots = [m for m in flat.values() if m["parent_id"] is None]
+    for m in flat.values():
+        if m["parent_id"] is None:
+            continue
+        if m["parent_id"] in flat:
+            flat[m["parent_id"]]["replies"].append(m)
+        else:
+            stats["orphan messages (parent not in file)"] += 1
+    done = set()  # messages whose parent chain is known to end (at a root or an orphan)
+    for m in flat.values():
+        walk, at = {}, m  # walk: message id -> its place on the chain up from m
+        while at is not None and at["message_id"] not in done:
+            if at["message_id"] in walk:
+                cycle = list(walk)[walk[at["message_id"]]:]
+                if not skip_bad:
+                    raise DataError(f"{path}:{flat[cycle[0]]['_line']}: {len(cycle)} message(s) form a parent_id "
+                                    f"cycle, so reach no root: {', '.join(map(repr, cycle[:3]))}")
+                stats["skipped messages in parent_id cycles (--skip_bad)"] += len(cycle)
+                break
+            walk[at["message_id"]] = len(walk)
+            at = flat.get(at["parent_id"])  # None past a root or an orphan
+        done.update(walk)
+    return roots
 
 
 def read_conversations(path, langs=(), skip_bad=False):
     """(conversations sorted by tree id, the form, a Counter of what was read and dropped). Sorting makes every
     form and file order give the same output files."""
-    path, stats, convs, flat, form = Path(path), Counter(), [], {}, None
+    path = Path(path)
+    stats = Counter()
+    convs = []
+    flat = {}  # message id -> message: a flat file's trees can only be linked once all its lines are read
+    form = None  # the first line's; every other line must be of the same form
 
     def bad(e, lineno):
-        if not skip_bad: raise DataError(f"{path}:{e.line or lineno}: {e}") from e
+        if not skip_bad:
+            raise DataError(f"{path}:{e.line or lineno}: {e}") from e
         stats["skipped bad lines (--skip_bad)"] += 1
 
     for lineno, raw in read_lines(path):
-        if not raw.strip(): continue
+        if not raw.strip():
+            continue
         try:
-            try: line = raw.decode("utf-8")  # per line, so a bad byte names its line (and --skip_bad can skip it)
-            except UnicodeDecodeError as e: raise DataError(f"not UTF-8 text ({e})")
-            try: obj = json.loads(line)
-            except json.JSONDecodeError as e: raise DataError(f"malformed JSON ({e})")
-            except RecursionError: raise DataError("JSON nested too deeply to read")
+            try:  # per line, so a bad byte names its line (and --skip_bad can skip it)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not UTF-8 text ({e})")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"malformed JSON ({e})")
+            except RecursionError:
+                raise DataError("JSON nested too deeply to read")
             if "\\u" in line:  # an escaped lone surrogate (\ud800) decodes, but is no text: it cannot be encoded
-                try: json.dumps(obj, ensure_ascii=False).encode("utf-8")
-                except UnicodeEncodeError: raise DataError("a string holds a lone surrogate (\\ud800 unpaired)")
+                try:
+                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError("a string holds a lone surrogate (\\ud800 unpaired)")
             kind = detect_form(obj)
             if kind is None:
                 raise DataError(f"unknown form ({line[:60]}...): expected a tree with 'prompt', a message "
                                 "with 'replies', a flat message with 'parent_id' or a Guanaco row with 'text'")
-            if form not in (None, kind): raise DataError(f"a {kind} line in a file of {form} lines")
+            if form not in (None, kind):
+                raise DataError(f"a {kind} line in a file of {form} lines")
             form = kind
             if kind == "flat":  # collect now, link parents to children once all lines are read
                 need(obj, "message_id", "parent_id", "role", "text")
-                if obj["message_id"] in flat: raise DataError(f"duplicate message_id {obj['message_id']}")
+                if obj["message_id"] in flat:
+                    raise DataError(f"duplicate message_id {obj['message_id']}")
                 flat[obj["message_id"]] = dict(obj, replies=[], _line=lineno)
                 continue
-            if kind == "guanaco": conv = from_guanaco(obj, langs, stats)
+            if kind == "guanaco":
+                conv = from_guanaco(obj, langs, stats)
             elif kind == "trees":
                 need(obj, "message_tree_id")
                 conv = to_conversation(obj["message_tree_id"], obj["prompt"], obj.get("tree_state"), langs, stats)
             else:  # a nested message tree; OASST's tree id is its root's message id
                 conv = to_conversation(obj.get("message_tree_id", obj.get("message_id")), obj, None, langs, stats)
-            if conv: convs.append(conv)
+            if conv:
+                convs.append(conv)
         except DataError as e:
             bad(e, lineno)
     if form == "flat":
-        roots = [m for m in flat.values() if m["parent_id"] is None]
-        for m in flat.values():
-            if m["parent_id"] is not None:
-                if m["parent_id"] in flat: flat[m["parent_id"]]["replies"].append(m)
-                else: stats["orphan messages (parent not in file)"] += 1
-        done = set()  # messages whose parent chain is known to end (at a root or an orphan)
-        for m in flat.values():  # a chain that loops reaches no root: its messages would vanish uncounted
-            walk, at = {}, m
-            while at is not None and at["message_id"] not in done:
-                if at["message_id"] in walk:
-                    cycle = list(walk)[walk[at["message_id"]]:]
-                    if not skip_bad:
-                        raise DataError(f"{path}:{flat[cycle[0]]['_line']}: {len(cycle)} message(s) form a parent_id "
-                                        f"cycle, so reach no root: {', '.join(map(repr, cycle[:3]))}")
-                    stats["skipped messages in parent_id cycles (--skip_bad)"] += len(cycle)
-                    break
-                walk[at["message_id"]] = len(walk)
-                at = flat.get(at["parent_id"])  # None past a root or an orphan
-            done.update(walk)
-        for r in roots:
+        for r in link_flat(flat, path, skip_bad, stats):
             try:
                 tree_id = r.get("message_tree_id") or r["message_id"]
                 conv = to_conversation(tree_id, r, r.get("tree_state"), langs, stats)
-                if conv: convs.append(conv)
+                if conv:
+                    convs.append(conv)
             except DataError as e:
                 bad(e, r["_line"])
     stats["conversations"] = len(convs)
     convs.sort(key=lambda c: c.tree_id)
-    if not convs: raise DataError(f"{path}: no conversations in the file ({form or 'empty'} form; {dict(stats)})")
+    if not convs:
+        raise DataError(f"{path}: no conversations in the file ({form or 'empty'} form; {dict(stats)})")
     return convs, form, stats
 
 
@@ -228,19 +291,23 @@ def tokenize(sp, turns, train_on="assistant"):
     for i in range(0, len(turns), 2):
         (_, prompt), (_, reply) = turns[i], turns[i + 1]
         part = sp.encode(f"### Human: {prompt}### Assistant:")
-        ids += part; flags += [human] * len(part)
+        ids += part
+        flags += [human] * len(part)
         part = sp.encode(reply) + [sp.eos_id()]  # EOS ends every reply and is always trained on
-        ids += part; flags += [TRAIN | ASSISTANT] * len(part)
+        ids += part
+        flags += [TRAIN | ASSISTANT] * len(part)
     return ids, flags
 
 
 def download(url=URL, sha256=SHA256, dest=HERE / URL.rsplit("/", 1)[1]):
+    """The release at dest: downloaded and checked against sha256, unless dest already has that hash."""
     have = file_sha256(dest) if dest.is_file() else None
     if have == sha256:
         return dest
     print(f"downloading {url}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r: data = r.read()
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
     except OSError as e:  # URLError, timeouts, no network
         # train.py --data=oasst1 takes no --input: the file at dest is the way in for both
         there = f" ({dest} is there, but with sha256 {have[:12]}..., another file)" if have else ""
@@ -277,10 +344,13 @@ def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assist
             skip_bad=False, verbose=True):
     """Read, split, tokenize and write one release file; returns the meta dict (also written to meta.json)."""
     log = print if verbose else (lambda *a: None)
-    if train_on not in ("assistant", "all"): raise ValueError(f"train_on is 'assistant' or 'all', not {train_on!r}")
-    if tokenizer_path is None: raise ValueError("pass the model's sentencepiece file: --tokenizer=.../tokenizer.model")
+    if train_on not in ("assistant", "all"):
+        raise ValueError(f"train_on is 'assistant' or 'all', not {train_on!r}")
+    if tokenizer_path is None:
+        raise ValueError("pass the model's sentencepiece file: --tokenizer=.../tokenizer.model")
     sp = load_tokenizer(tokenizer_path)  # before a download or a long read, which a bad tokenizer would waste
-    # LLaMA's tokenizer has no pad piece (pad_id -1): pad with unk (0) then; never with EOS, which must stay meaningful
+    # LLaMA's tokenizer has no pad piece (pad_id -1): pad with unk (0) then. Never with EOS, which ends every
+    # reply and must keep that meaning
     pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()
     if min(sp.bos_id(), sp.eos_id(), pad_id) < 0 or pad_id == sp.eos_id():
         raise DataError(f"{tokenizer_path}: needs bos, eos and a pad (or unk) id that is not eos")
@@ -291,7 +361,8 @@ def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assist
     convs, form, stats = read_conversations(input_path, langs, skip_bad)
     log(f"read {input_path} ({form} form): " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
     dtype = np.uint16 if sp.vocab_size() <= 2**16 else np.uint32
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(format="guanaco: BOS, then per exchange '### Human: {prompt}### Assistant:' + ' {reply}' + EOS",
                 input=input_path.name, input_sha256=file_sha256(input_path), input_form=form,
                 tokenizer_sha256=file_sha256(tokenizer_path), vocab_size=sp.vocab_size(), bos_id=sp.bos_id(),
@@ -301,11 +372,15 @@ def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assist
     for split in ("train", "val"):
         ids, flags, offsets = [], [], [0]
         for c in convs:
-            if split_of(c.tree_id, val_fraction) != split: continue
+            if split_of(c.tree_id, val_fraction) != split:
+                continue
             i, f = tokenize(sp, c.turns, train_on)
-            ids += i; flags += f; offsets.append(len(ids))
+            ids += i
+            flags += f
+            offsets.append(len(ids))
         ids, flags, offsets = np.array(ids, dtype), np.array(flags, np.uint8), np.array(offsets, np.int64)
-        ids.tofile(out_dir / f"{split}.bin"); flags.tofile(out_dir / f"{split}.mask.bin")
+        ids.tofile(out_dir / f"{split}.bin")
+        flags.tofile(out_dir / f"{split}.mask.bin")
         offsets.tofile(out_dir / f"{split}.idx.bin")
         lens = np.diff(offsets) if len(offsets) > 1 else np.zeros(1, np.int64)  # zeros: stats of an empty split
         s = dict(conversations=len(offsets) - 1, tokens=len(ids), trained_tokens=int((flags & TRAIN).sum()),
@@ -315,7 +390,8 @@ def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assist
         log(f"{split}: {s['conversations']:,} conversations, {s['tokens']:,} tokens "
             f"({s['trained_tokens'] / max(s['tokens'], 1):.0%} in the loss), "
             f"length min/mean/p95/max {s['min_len']}/{s['mean_len']}/{s['p95_len']}/{s['max_len']}")
-        if not s["conversations"]: log(f"warning: the {split} split is empty")
+        if not s["conversations"]:
+            log(f"warning: the {split} split is empty")
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log(f"example: {render(convs[0].turns)[:160]!r}")
     log(f"wrote {{train,val}}.bin, .mask.bin, .idx.bin and meta.json to {out_dir} ({meta['dtype']} tokens)")
@@ -330,14 +406,18 @@ def main(argv=None, **defaults):
         key, eq, value = arg.removeprefix("--").partition("=")
         key = aliases.get(key, key)
         old = config.get(key, ...)
-        if isinstance(old, bool) and not eq: value = "True"  # a bare --skip_bad
+        if isinstance(old, bool) and not eq:  # a bare --skip_bad
+            value = "True"
         elif not arg.startswith("--") or old is ... or not eq:
             flags = " ".join(f"--{k}=" for k in ["input", "tokenizer", *list(config)[2:]])
             sys.exit(f"error: bad argument {arg!r}; flags: {flags}")
         try:  # the type of the default decides: bool, float or text
-            if isinstance(old, bool): config[key] = {"True": True, "False": False}[value]
-            elif isinstance(old, float): config[key] = float(value)
-            else: config[key] = value
+            if isinstance(old, bool):
+                config[key] = {"True": True, "False": False}[value]
+            elif isinstance(old, float):
+                config[key] = float(value)
+            else:
+                config[key] = value
         except (KeyError, ValueError):
             sys.exit(f"error: --{key} takes a {type(old).__name__}, not {value!r}")
     try:

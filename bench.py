@@ -26,7 +26,6 @@ writes them, under a header (date, commit, machine, package versions), into its 
 The peers (transformers, peft, bitsandbytes) are optional: where one is missing, its rows say so, never a number.
 A bad flag, --out or --models folder is one line, `error: ...`, before any section runs.
 """
-import argparse
 import ctypes
 import gc
 import importlib.metadata
@@ -41,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,15 +48,17 @@ if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:  # before torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint as C
+import configurator
+import distributed as D
 import kernels
+import memory
 import model as M
 import qlora as Q
 from paged_adamw import PagedAdamW, PagedAdamW8bit, cudart, state_bytes
 from peers import PEERS, import_peer, installed
-from train import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / "shared" / "assets"  # real test assets beside the repo (see tests/conftest.py)
@@ -154,14 +156,16 @@ def header(device):
 
 
 def write_section(path, name, head, body):
-    """Replace section `name` of the results file and keep the others: each section can run alone."""
+    """Replace section `name` of the results file and keep the others (each section can run alone), and the
+    hand-written ones after them."""
     old = path.read_text() if path.exists() else ""
     parts = dict(re.findall(r"<!-- (\w+) -->\n(.*?)<!-- /\1 -->\n", old, re.S))
     parts[name] = f"## {TITLES[name]}\n\n_{head}_\n\n" + "\n".join(body) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Benchmark results\n\nWritten by `python bench.py` (see its docstring); each section by "
                     "`python bench.py --section=NAME`.\n\n"
-                    + "".join(f"<!-- {k} -->\n{parts[k]}<!-- /{k} -->\n\n" for k in SECTIONS if k in parts))
+                    + "".join(f"<!-- {k} -->\n{parts[k]}<!-- /{k} -->\n\n"  # then hand-written parts (notes)
+                              for k in [*SECTIONS, *sorted(parts.keys() - set(SECTIONS))] if k in parts))
 
 # -----------------------------------------------------------------------------
 # 1. quantize / dequantize, and dequantization throughput
@@ -175,10 +179,9 @@ def nf4_impls(device, bnb):
         def quantize(w):
             packed, absmax = quantize_4bit(w, code, 64)
             absmax, nested, offset = Q.double_quantize(absmax)
-            return Q.Quantized4bit(packed.view(-1, 1), absmax, code, w.shape, w.dtype, 64, "nf4", nested,
-                                   Q.DYNAMIC.to(device), offset)
-        return quantize, lambda q: dequantize_4bit(q.packed, q.absmax, q.code, 64, q.numel, q.dtype, q.nested_absmax,
-                                                   q.nested_code, q.offset)
+            return kernels.QuantState(packed.view(-1, 1), absmax, code, w.shape, w.dtype, 64, "nf4", nested,
+                                      Q.DYNAMIC.to(device), offset)
+        return quantize, dequantize_4bit  # (q) -> W of q.shape in q.dtype
     impls = {"ours, torch": ours(kernels.quantize_4bit_ref, kernels.dequantize_4bit_ref)}
     if device.type == "cuda":
         impls["ours, Triton"] = ours(kernels.quantize_4bit_triton, kernels.dequantize_4bit_triton)
@@ -227,7 +230,7 @@ def bench_dequant(device, a, out):
         w = torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02
         impls = nf4_impls(device, bnb)
         q = impls["ours, torch"][0](w)  # the same bytes in every implementation (the tests check it bit for bit)
-        moved = sum(q.nbytes().values()) + w.nbytes  # 4-bit codes and constants read, the bf16 weight written
+        moved = sum(memory.quant_bytes(q).values()) + w.nbytes  # 4-bit codes and constants read, bf16 W written
         for name, (quantize, dequantize) in impls.items():
             state = q if name.startswith("ours") else quantize(w)
             gbs = moved / timeit(lambda: dequantize(state), device, reps) / 1e9
@@ -243,15 +246,14 @@ def bench_dequant(device, a, out):
     try:
         for (N, K), (direction, transpose) in itertools.product(shapes_for(a.quick), (("forward", False),
                                                                                       ("backward", True))):
-            q = Q.quantize(torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02)
-            state = (q.packed, q.absmax, q.code, 64, q.shape, q.nested_absmax, q.nested_code, q.offset)
+            q = Q.quantize(torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02)  # blocks of 64, DQ
             fused_wins_up_to, fused_on = 0, True
             for T in [2**i for i in range(14)]:  # 1 .. 8192 tokens
                 x = torch.randn(T, N if transpose else K, device=device, dtype=torch.bfloat16)  # x, or grad_y
                 t = {}
                 for path, n in (("fused", 2**30), ("dequantize + matmul", 0))[0 if fused_on else 1:]:
                     kernels.FUSED_MAX_TOKENS = {**saved, direction: n}  # the dispatch's switch, swept
-                    t[path] = timeit(lambda: kernels.matmul_4bit(x, *state, transpose=transpose), device, reps=10,
+                    t[path] = timeit(lambda: kernels.matmul_4bit(x, q, transpose=transpose), device, reps=10,
                                      warmup=2)
                 if "fused" in t and t["fused"] < t["dequantize + matmul"]:
                     fused_wins_up_to = T
@@ -297,8 +299,8 @@ def save_random_model(ckpt, args):
     checkpoint in folder ckpt; returns its parameter count."""
     torch.manual_seed(0)
     dense = M.Transformer(args)
-    M.save_safetensors(Path(ckpt) / "model.safetensors", dense.state_dict())
-    (Path(ckpt) / "config.json").write_text(json.dumps(Q.hf_config(args, torch.float32)))
+    C.save_safetensors(Path(ckpt) / "model.safetensors", dense.state_dict())
+    (Path(ckpt) / "config.json").write_text(json.dumps(C.hf_config(args, torch.float32)))
     return sum(p.numel() for p in dense.parameters())
 
 
@@ -306,13 +308,13 @@ def step_child(a, device):
     """One configuration: load the saved random model, time training steps, print one RESULT json line."""
     torch.set_num_threads(a.threads)
     if device.type == "cpu":  # as train.py runs on CPU, for every row alike (peers too): see keep_freed_memory
-        keep_freed_memory()
+        memory.keep_freed_memory()
     dtype = getattr(torch, a.dtype)
     B, T = (QUICK_BATCHES if a.quick else STEP_BATCHES)[a.batch]
-    ids = torch.randint(0, M.load_args(a.ckpt).vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, C.load_args(a.ckpt).vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)  # the same batch in every process
     if a.impl == "ours":
-        model = Q.load_quantized(a.ckpt, device, dtype, r=16, alpha=16, dropout=0.0, quant_type=a.quant,
+        model = C.load_quantized(a.ckpt, device, dtype, r=16, alpha=16, dropout=0.0, quant_type=a.quant,
                                  double_quant=True, compute_dtype=dtype)
         forward = lambda: model(x)
         if a.loss == "chunked":  # the same mean loss, the head and the loss a chunk of tokens at a time
@@ -394,7 +396,7 @@ def bench_step(device, a, out):
         f"{'once' if rounds == 1 else f'{rounds} times, the rows interleaved'}; the median of all {steps * rounds} "
         "timed steps (each run after 2 warm-up steps), peaks the largest of the runs"
         + (". On CPU every row (peers too) runs with glibc's malloc keeping freed buffers, as train.py sets it "
-           "(train.keep_freed_memory)" if device.type == "cpu" else "") + ".\n")
+           "(memory.keep_freed_memory)" if device.type == "cpu" else "") + ".\n")
     mem = ("alloc_mib", "reserved_mib") if device.type == "cuda" else ("peak_rss_mib", "loaded_rss_mib")
     table(out, ["configuration", "step s (min-max)", "tokens/s", *(["peak allocated MiB", "peak reserved MiB"] if
                 device.type == "cuda" else ["peak RSS MiB", "RSS after loading MiB"]), "loss at step 1", "LoRA params"],
@@ -450,11 +452,9 @@ def rss_mib(field):
 def release_freed_memory():
     """CPU (glibc) only, the fsdp section's ranks: hand every buffer of 64 KiB or more back to the OS as it is freed
     (a fixed mmap threshold, which also stops glibc raising it as it goes, and no trim threshold), so the RSS peak
-    is the peak of the live buffers. Under train.keep_freed_memory, as train.py runs, the heap keeps whichever freed
+    is the peak of the live buffers. Under memory.keep_freed_memory, as train.py runs, the heap keeps whichever freed
     buffers it kept: the ranks of one mode differed by up to 72 MiB, DDP-FSDP by -38 to +87 MiB, on a 6.7 MiB saving."""
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    if not (mallopt(M_MMAP_THRESHOLD, 64 * 1024) and mallopt(M_TRIM_THRESHOLD, 0)):
+    if not memory.set_malloc(mmap_threshold=64 * 1024, trim_threshold=0):
         raise RuntimeError("glibc's mallopt refused the fsdp section's thresholds")
 
 
@@ -464,46 +464,43 @@ def reset_rss_peak():
 
 
 def dist_child(a, device):
-    """One rank of the fsdp section, under torchrun: the step section's random checkpoint built by train.py's
-    build_model (streamed and quantized tensor by tensor; under FSDP into this rank's shards by load_sharded),
-    wrapped as train.py wraps it (DDP, or FSDP2 by shard_model), and stepped as its loop steps (loss summed over the
-    tokens of all ranks, clip_grads, the optimizer on local_shard's rows). Writes this rank's figures as json."""
-    from train import (Config, all_sum, build_model, clip_grads, end_distributed, fsdp_unit_bytes, init_distributed,
-                       is_fsdp, local_shard, optimizer_step, shard_model)
+    """One rank of the fsdp section, under torchrun: the step section's random checkpoint loaded as train.py's
+    build_model loads it (streamed and quantized tensor by tensor; under FSDP into this rank's shards by
+    distributed.load_sharded), wrapped as train.py wraps it (distributed.wrap: DDP, or FSDP2), and stepped as its
+    loop steps (loss summed over the tokens of all ranks, clip_grads, the optimizer on local_shard's rows). Writes
+    this rank's figures as json."""
     world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     if device.type == "cuda":  # as train.py: this rank's GPU, the current device for Triton and the streams
         device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     torch.set_num_threads(a.threads)
-    init_distributed(device)  # nccl on CUDA, gloo on CPU
+    D.start(device, world)  # nccl on CUDA, gloo on CPU
     if device.type == "cpu":
         release_freed_memory()  # RSS = live buffers: the modes' difference is not lost in what the heap kept
-    cfg = Config(init_from=a.ckpt, fsdp=a.dist == "fsdp", lora_r=16, lora_alpha=16.0, lora_dropout=0.0)
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # train.py's compute_dtype=auto
-    torch.manual_seed(cfg.seed)  # train.py under FSDP: the same adapter init on every rank (DDP broadcasts rank 0's)
-    model = build_model(cfg, M.load_args(a.ckpt).vocab_size, device, compute, compute)
-    if cfg.fsdp:
-        net = model if is_fsdp(model) else shard_model(model, device)
-    else:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                        broadcast_buffers=False)
+    fsdp, compute = a.dist == "fsdp", torch.bfloat16 if device.type == "cuda" else torch.float32  # as train.py
+    lora = dict(r=16, alpha=16.0, dropout=0.0, compute_dtype=compute)  # train.py's other defaults are add_lora's
+    torch.manual_seed(1337)  # train.py under FSDP: the same adapter init on every rank (DDP broadcasts rank 0's)
+    model = D.load_sharded(a.ckpt, device, compute, lora, compute) if fsdp else \
+        C.load_quantized(a.ckpt, device=device, dtype=compute, **lora)
+    if not D.is_fsdp(model):  # (a sharded model got its dtype before it was sharded)
+        Q.lora_to(model, compute)
+    net = D.wrap(model, device, fsdp, log=lambda *_: None)
     params = [p for p in model.parameters() if p.requires_grad]
-    shards = [local_shard(p) for p in params]
-    opt = PagedAdamW(shards, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)  # the default
+    shards = [D.local_shard(p) for p in params]
+    opt = PagedAdamW(shards, lr=2e-3, weight_decay=0.0)  # train.py's default optimizer
     B, T = (QUICK_BATCHES if a.quick else STEP_BATCHES)["4x256"]
     ids = torch.randint(0, model.args.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(rank))
     x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)  # each rank its own batch, the same in both modes
-    n_tokens = all_sum(torch.tensor(float(y.numel()), device=device)).item()
+    n_tokens = D.all_sum(torch.tensor(float(y.numel()), device=device)).item()
     losses = []
 
     def step():  # one step of train.py's loop, without accumulation
         loss = net(x, targets=y)  # train.py's default chunked loss, summed over the tokens
         (loss * world / n_tokens).backward()
-        clip_grads(params, cfg.max_grad_norm)
-        optimizer_step(model, params, shards, opt)
-        losses.append(all_sum(loss.detach()).item() / n_tokens)
-    acc = Q.memory_account(model)  # this rank's bytes: its shards under FSDP, the whole model under DDP
-    whole, units = fsdp_unit_bytes(model)  # bytes of the replicated (embeddings, final norm, head), of each unit
+        D.clip_grads(params, 0.3)  # train.py's max_grad_norm
+        D.optimizer_step(model, params, shards, opt)
+        losses.append(D.all_sum(loss.detach()).item() / n_tokens)
+    acc = memory.memory_account(model)  # this rank's bytes: its shards under FSDP, the whole model under DDP
+    whole, units = D.fsdp_unit_bytes(model)  # bytes of the replicated (embeddings, final norm, head), of each unit
     r = dict(rank=rank, world=world, base_bytes=acc["quantized_bytes"] + acc["constant_bytes"],
              other_frozen_bytes=acc["unquantized_bytes"], lora_bytes=acc["lora_bytes"], replicated_bytes=whole,
              max_unit_bytes=max(units))
@@ -520,7 +517,7 @@ def dist_child(a, device):
         rss_mib("VmHWM")
     r.update(process_peak_mib=max(r["build_peak_mib"], r["step_peak_mib"]), losses=losses)
     (Path(a.dist_out) / f"{a.dist}-rank{rank}.json").write_text(json.dumps(r))
-    end_distributed(device)
+    D.end_distributed(device)
 
 
 def bench_fsdp(device, a, out):
@@ -549,7 +546,7 @@ def bench_fsdp(device, a, out):
              "the same since the start." if cuda else "Peak over the steps: VmHWM, reset (/proc/self/clear_refs) just "
              "before the warm-up, so the steps' own peak; it includes what the process holds after building. glibc "
              "returns every freed buffer of 64 KiB or more to the OS at once here (bench.release_freed_memory, not "
-             "train.py's keep_freed_memory, which keeps them for speed), so RSS follows the live buffers and the step "
+             "memory.keep_freed_memory, which keeps them for speed), so RSS follows the live buffers and the step "
              "runs slower than train.py's. Process peak: ru_maxrss, building included (the checkpoint's mapped "
              "pages it read count too).")
     say(out, f"The step section's random LLaMA (dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}: "
@@ -570,7 +567,7 @@ def bench_fsdp(device, a, out):
     saved = [d["step_peak_mib"] - f["step_peak_mib"] for d, f in zip(res["ddp"], res["fsdp"])]
     half = base / 2 / 2**20
     d0 = res["ddp"][0]
-    gathered = 2 * d0["max_unit_bytes"]  # train.memory_plan's "all-gathered, transient" line
+    gathered = 2 * d0["max_unit_bytes"]  # memory.memory_plan's "all-gathered, transient" line
     say(out, f"\nDDP's step peak minus FSDP's, ranks 0 and 1: {saved[0]:+,.1f} and {saved[1]:+,.1f} MiB. Half the "
         f"4-bit base's bytes (codes + constants, {base:,} bytes whole): {half:,.1f} MiB; the measured saving is "
         f"{saved[0] - half:+,.1f} and {saved[1] - half:+,.1f} MiB from it: FSDP's per-rank peak is "
@@ -670,7 +667,7 @@ def random_4bit_model(preset, device, n_layers=None, dtype=torch.bfloat16, seq=5
         model = M.Transformer(args).to(dtype)
     Q.add_lora(model, r=64, alpha=16, dropout=0.0, compute_dtype=dtype)
     for m in Q.linears_4bit(model).values():
-        m.quantize_(torch.randn(m.out_features, m.in_features, device=device, dtype=dtype) * 0.02)
+        m.fill(torch.randn(m.out_features, m.in_features, device=device, dtype=dtype) * 0.02)
         m.set_lora(m.r, m.alpha, 0.0, device=device, dtype=dtype)
     dense = [model.model.embed_tokens, model.lm_head, model.model.norm] + \
         [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
@@ -693,7 +690,7 @@ def scale_rows(preset, batches, device, n_layers=None, dtype=torch.bfloat16, seq
         with torch.no_grad():
             for p, p0 in zip(params, init):
                 p.copy_(p0)
-        model.chunked_loss, model.offload_activations = chunked, offload  # as train.build_model sets them
+        model.chunked_loss, model.offload_activations = chunked, offload  # as train.py's build_model sets them
         ids = torch.randint(0, model.args.vocab_size, (B, seq + 1), generator=torch.Generator().manual_seed(B))
         x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)  # the same batch for every setting
         if cuda:  # the optimizer's managed states never oversubscribe the GPU (paged_adamw checks each one too)
@@ -782,7 +779,7 @@ def bench_scale(device, a, out):
 def heldout_texts(model_dir, n_tokens):
     """{name: token ids}: real OASST1 messages (text a small story model never saw), and where the model folder has
     one, its own greedy story (in its domain, but written by the fp32 model, so biased toward it)."""
-    tok, msgs = M.Tokenizer(Path(model_dir) / "tokenizer.model"), []
+    tok, msgs = C.Tokenizer(Path(model_dir) / "tokenizer.model"), []
     stack = [json.loads(line)["prompt"] for line in (ASSETS / "oasst1" / "en_100_tree.jsonl").open()]
     while stack:  # every message of every tree, depth first
         msgs.append(stack[0]["text"])
@@ -808,7 +805,7 @@ def table2(d, device, a, out):
                 ("NF4", "nf4", False, "-"), ("NF4 + DQ", "nf4", True, "27.41"))
     texts, rows = heldout_texts(d, 2048 if a.quick else 32768), []
     for name, qt, dq, paper in variants:
-        m = M.load_model(d, device) if qt is None else Q.load_quantized(
+        m = C.load_model(d, device) if qt is None else C.load_quantized(
             d, device, quant_type=qt, double_quant=dq, blocksize=64, r=0, compute_dtype=torch.float32)
         rows.append([name, *[f"{perplexity(m.eval(), ids, device):.3f}" for ids in texts.values()], paper])
     say(out, f"{d.name}: {', '.join(f'{k} ({len(v):,} tokens)' for k, v in texts.items())}. The paper's column: its "
@@ -847,13 +844,12 @@ def bench_paper(device, a, out):
         else:
             say(out, f"skipped: {d} not present (a Hugging Face model folder with tokenizer.model)")
     say(out, "\nMore models (larger, Hugging Face format with a sentencepiece tokenizer.model): --models=DIR,DIR.")
-    from train import Config  # the fine-tune's settings: train.py's defaults, but for these
-    (steps, batch), c = ((4, 8) if a.quick else (300, 32)), Config()
+    steps, batch = (4, 8) if a.quick else (300, 32)
     common = ["--eval_answers=2"] * a.quick
     short = [f"--max_steps={steps}", f"--batch_size={batch}"]  # the bundled base's row: the default run's own
     say(out, f"\n### QLoRA against 16-bit LoRA: the same fine-tune, data and seed (train.py: {steps} steps of batch "
-        f"{batch}; on the bundled pretrained base the default run's {c.max_steps} steps of batch {c.batch_size}"
-        f"{' (--quick: ' + str(steps) + ' of ' + str(batch) + ')' if a.quick else ''}; lr {c.lr}, LoRA r {c.lora_r} "
+        f"{batch}; on the bundled pretrained base the default run's own steps and batch"
+        f"{' (--quick: ' + str(steps) + ' of ' + str(batch) + ')' if a.quick else ''}; train.py's lr and LoRA r "
         "on all linears)\n")
     rows, stories = [], ASSETS / "stories260K"
     with tempfile.TemporaryDirectory() as tmp:
@@ -911,15 +907,45 @@ class BenchError(ValueError):
     """A user's mistake (a flag, a missing or unreadable file): one line at the CLI, `error: ...`."""
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors as one line too, as sample.py's
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+@dataclass
+class Config:
+    section: str = ""              # run only this section (one of those above); "" = all but busy and compile
+    paper: bool = False            # the reproductions only: the same as --section=paper
+    quick: bool = False            # tiny shapes and runs: checks that it works, in seconds
+    out: str = str(ROOT / "bench" / "RESULTS.md")  # the results file
+    threads: int = 0               # torch threads on CPU (0: the idle cores)
+    models: str = ""               # comma-separated HF model folders, perplexity table; "" = stories260K if present
+    # internal: one configuration of the step section, run in a child process for its own peak memory
+    impl: str = ""                 # ours | peer; "" = none (not a child)
+    quant: str = "nf4"             # nf4 | none: the frozen base
+    dtype: str = "float32"         # float32 | bfloat16: weights and compute
+    optimizer: str = "adamw"       # adamw | paged | paged8
+    loss: str = "full"             # full | chunked
+    batch: str = "4x256"           # 4x256 | 16x512
+    ckpt: str = ""                 # the random model's folder (also --dist's); "" = none
+    steps: int = 5                 # timed steps
+    profile: bool = False          # profile one more step: its top operators by self time
+    # internal: one rank of the fsdp section, under torchrun
+    dist: str = ""                 # ddp | fsdp; "" = none (not a rank)
+    dist_out: str = ""             # the folder each rank writes its figures into; "" = none
+
+
+CHOICES = dict(quant=("nf4", "none"), dtype=("float32", "bfloat16"), optimizer=("adamw", "paged", "paged8"),
+               loss=("full", "chunked"), batch=tuple(STEP_BATCHES))
+OPTIONAL_CHOICES = dict(section=SECTIONS, impl=("ours", "peer"), dist=DIST_MODES)  # "": unset
+
+
+def parse_config(argv):
+    """Config from --key=value flags, each of its field's type and among its choices (a ConfigError)."""
+    cfg = Config(**configurator.parse_flags(Config, argv, __doc__))
+    configurator.check_choices(cfg, CHOICES)
+    configurator.check_choices(cfg, {k: v for k, v in OPTIONAL_CHOICES.items() if getattr(cfg, k)})
+    return cfg
 
 
 def model_dirs(a):
     """The paper section's model folders: --models', or stories260K beside the repo by default."""
-    return [Path(m) for m in (str(ASSETS / "stories260K") if a.models is None else a.models).split(",") if m]
+    return [Path(m) for m in (a.models or str(ASSETS / "stories260K")).split(",") if m]
 
 
 def check_flags(a, names):
@@ -936,54 +962,35 @@ def check_flags(a, names):
     if a.dist and not (a.dist_out and "WORLD_SIZE" in os.environ):
         raise BenchError("--dist (internal to the fsdp section) runs as one rank under torchrun, with --dist_out=DIR")
     if a.impl or a.dist:
-        M.load_args(a.ckpt)  # a CheckpointError naming the folder's missing or bad config
+        C.load_args(a.ckpt)  # a CheckpointError naming the folder's missing or bad config
         return
-    if a.out.is_dir():
-        raise BenchError(f"--out={a.out}: a directory, not the results file (e.g. bench/RESULTS.md)")
-    if not (up := next(p for p in a.out.parents if p.exists())).is_dir():  # what write_section's mkdir builds on
-        raise BenchError(f"--out={a.out}: {up} is a file, not a directory")
-    if a.out.exists():  # write_section reads it to keep the other sections
+    out = Path(a.out)
+    if out.is_dir():
+        raise BenchError(f"--out={out}: a directory, not the results file (e.g. bench/RESULTS.md)")
+    if not (up := next(p for p in out.parents if p.exists())).is_dir():  # what write_section's mkdir builds on
+        raise BenchError(f"--out={out}: {up} is a file, not a directory")
+    if out.exists():  # write_section reads it to keep the other sections
         try:
-            a.out.read_text()
+            out.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise BenchError(f"--out={a.out}: cannot read the results file ({e})") from None
-    if a.models is not None and "paper" in names:  # folders asked for by name must be there and load
+            raise BenchError(f"--out={out}: cannot read the results file ({e})") from None
+    if a.models and "paper" in names:  # folders asked for by name must be there and load
         if not model_dirs(a):
             raise BenchError(f"--models={a.models}: names no folder")
         for d in model_dirs(a):
             if not (d / "config.json").is_file() or not (d / "tokenizer.model").is_file():
                 raise BenchError(f"--models: {d} is not a Hugging Face model folder (config.json, tokenizer.model)")
-            n_ids = M.Tokenizer(d / "tokenizer.model").vocab_size  # a CheckpointError naming a file that is not one
-            if n_ids > (rows := M.load_args(d).vocab_size):
+            n_ids = C.Tokenizer(d / "tokenizer.model").vocab_size  # a CheckpointError naming a file that is not one
+            if n_ids > (rows := C.load_args(d).vocab_size):
                 raise BenchError(f"{d / 'tokenizer.model'}: {n_ids} token ids, the model in {d} has only {rows}")
 
 
 def main(argv=None):
-    ap = Parser(description="qlora benchmarks; see the docstring of bench.py")
-    ap.add_argument("--section", choices=SECTIONS, help="run only this section (default: all but compile)")
-    ap.add_argument("--paper", action="store_true", help="the reproductions only: the same as --section=paper")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and runs: checks that it works, in seconds")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="the results file")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: the idle cores)")
-    ap.add_argument("--models", help="comma-separated Hugging Face model folders for the perplexity table "
-                                     f"(default: {ASSETS / 'stories260K'}, where present)")
-    # internal: one configuration of the step section, run in a child process for its own peak memory
-    ap.add_argument("--impl", choices=("ours", "peer"))
-    ap.add_argument("--quant", choices=("nf4", "none"), default="nf4")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--optimizer", choices=("adamw", "paged", "paged8"), default="adamw")
-    ap.add_argument("--loss", choices=("full", "chunked"), default="full")
-    ap.add_argument("--batch", choices=tuple(STEP_BATCHES), default="4x256")
-    ap.add_argument("--ckpt")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--profile", action="store_true")
-    # internal: one rank of the fsdp section, under torchrun
-    ap.add_argument("--dist", choices=DIST_MODES)
-    ap.add_argument("--dist_out")
-    a = ap.parse_args(argv)
-    names = [a.section] if a.section else ["paper"] if a.paper else DEFAULT_SECTIONS
+    argv = sys.argv[1:] if argv is None else argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        a = parse_config(argv)
+        names = [a.section] if a.section else ["paper"] if a.paper else DEFAULT_SECTIONS
         check_flags(a, names)
         a.threads = a.threads or default_threads()
         if a.impl:
@@ -999,12 +1006,12 @@ def main(argv=None):
             head = header(device)
             run[name](device, a, out)
             try:
-                write_section(a.out, name, f"{head} · section took {time.time() - t0:.0f} s", out)
+                write_section(Path(a.out), name, f"{head} · section took {time.time() - t0:.0f} s", out)
             except OSError as e:  # a full disk, a folder made read-only meanwhile: the figures are printed above
-                raise BenchError(f"--out={a.out}: cannot write the results file ({e.strerror or e})") from None
-    except (BenchError, M.CheckpointError) as e:  # bad input; anything else is a bug and keeps its traceback
-        sys.exit(f"error: {e}")
-    print(f"\nwritten: {a.out}")
+                raise BenchError(f"--out={Path(a.out)}: cannot write the results file ({e.strerror or e})") from None
+    except (configurator.ConfigError, BenchError, C.CheckpointError) as e:  # bad input; anything else is a bug and
+        sys.exit(f"error: {e}")                                               # keeps its traceback
+    print(f"\nwritten: {Path(a.out)}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ header; --mmlu may also name the folder above data/, as the tarball unpacks. The
 evaluate.py, byte for byte, and the prediction the argmax over the four answer letters of the next-token logits.
 Perplexity is token-weighted (total negative log-likelihood over all scored tokens) with a sliding window.
 """
-import argparse
 import csv
 import io
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +29,37 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import model as M
+import checkpoint as C
+import configurator
 from data.batching import DATA, IGNORE, load_meta, load_split, prepare_dir
 from data.oasst1.prepare import DataError, file_sha256
-from sample import load
 
 LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass
+class Config:
+    init_from: str = ""            # base model directory (with tokenizer.model); required
+    adapter: str = ""              # a PEFT-format LoRA adapter directory, e.g. out/adapter; "" = none
+    quantize: str = ""             # nf4 | fp4: load a 16-bit base in 4 bits; "" = as stored
+    # MMLU
+    mmlu: str = ""                 # MMLU folder with dev/ and test/ (or data/dev, data/test); "" = no MMLU
+    shots: int = 5                 # few-shot examples per prompt (the paper: 5)
+    subjects: str = ""             # comma-separated subjects; "" = every one in test/
+    out: str = ""                  # write one JSON line per MMLU question to this file; "" = none
+    # perplexity
+    text: str = ""                 # perplexity on this UTF-8 text file; "" = none
+    data: str = ""                 # perplexity on a prepared split: NAME under data/ (prepared on first use, as
+                                   # train.py does) or a prepared folder; "" = none
+    split: str = "val"             # --data's split
+    train_on: str = "assistant"    # assistant | all: with --data=NAME, the tokens train.py's --train_on put in the
+                                   # loss are the ones scored
+    window: int = 0                # perplexity window in tokens (0: the model's context)
+    stride: int = 0                # perplexity stride in tokens (0: half the window)
+    # both
+    batch_size: int = 8            # rows (MMLU) or windows (perplexity) per forward pass
+    skip_bad: bool = False         # skip and count bad rows and subjects, not stop
+    device: str = "auto"           # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
 
 
 class InputError(ValueError):
@@ -336,19 +361,6 @@ def split_docs(name, split, tokenizer_path, train_on="assistant"):
 # -----------------------------------------------------------------------------
 
 
-def check_device(name):
-    """--device as a torch.device, refused now if this machine lacks it (not at the model load)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device={name}: not a device; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"--device={name}: use cpu or cuda")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
-        raise InputError(f"--device={name}: no such GPU here ({torch.cuda.device_count()} found); use --device=cpu")
-    return device
-
-
 def check_writable(path):
     """--out is written after the whole evaluation: a path that cannot take it fails now, not hours later."""
     path = Path(path)
@@ -362,40 +374,34 @@ def check_writable(path):
         raise InputError(f"--out={path}: cannot write in {path.parent} ({e.strerror})") from None
 
 
+def parse_config(argv):
+    """Config from --key=value flags: each value of the field's type, the required and the choice flags given, and
+    something to evaluate."""
+    cfg = Config(**configurator.parse_flags(Config, argv, __doc__))
+    if not cfg.init_from:
+        raise configurator.ConfigError("--init_from is required: a model folder with tokenizer.model")
+    if cfg.quantize:  # "": as stored
+        configurator.check_choices(cfg, dict(quantize=("nf4", "fp4")))
+    configurator.check_choices(cfg, dict(train_on=("assistant", "all")))
+    if not (cfg.mmlu or cfg.text or cfg.data):
+        raise configurator.ConfigError("nothing to evaluate: give --mmlu=DIR, --text=FILE and/or --data=NAME")
+    return cfg
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", required=True, help="base model directory (with tokenizer.model)")
-    p.add_argument("--adapter", default=None, help="a PEFT-format LoRA adapter directory, e.g. out/adapter")
-    p.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="load a 16-bit base in 4 bits")
-    p.add_argument("--mmlu", default=None, help="MMLU folder with dev/ and test/ (or data/dev, data/test)")
-    p.add_argument("--shots", type=int, default=5, help="few-shot examples per prompt (the paper: 5)")
-    p.add_argument("--subjects", default=None, help="comma-separated subjects (default: every one in test/)")
-    p.add_argument("--out", default=None, help="write one JSON line per MMLU question to this file")
-    p.add_argument("--text", default=None, help="perplexity on this UTF-8 text file")
-    p.add_argument("--data", default=None, help="perplexity on a prepared split: NAME under data/ (prepared "
-                   "on first use, as train.py does) or a prepared folder")
-    p.add_argument("--split", default="val")
-    p.add_argument("--train_on", choices=["assistant", "all"], default="assistant",
-                   help="--data=NAME: the tokens train.py --train_on=... put in the loss are the ones scored")
-    p.add_argument("--window", type=int, default=0, help="perplexity window in tokens (0: the model's context)")
-    p.add_argument("--stride", type=int, default=0, help="perplexity stride in tokens (0: half the window)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--skip_bad", action="store_true", help="skip and count bad rows and subjects, not stop")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
-    if not (a.mmlu or a.text or a.data):
-        p.error("nothing to evaluate: give --mmlu=DIR, --text=FILE and/or --data=NAME")
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        a = parse_config(argv)
         tok_path = Path(a.init_from) / "tokenizer.model"
         if not tok_path.exists():
             raise InputError(f"{a.init_from}: no tokenizer.model")
         if a.shots < 0 or a.batch_size < 1:
             raise InputError(f"--shots={a.shots} --batch_size={a.batch_size}: need shots >= 0, batch_size >= 1")
-        check_device(a.device)
+        configurator.check_device(a.device)
         if a.out:
             check_writable(a.out)
-        tok = M.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
-        args = M.load_args(a.init_from)  # the config alone: the weights load after every check
+        tok = C.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
+        args = C.load_args(a.init_from)  # the config alone: the weights load after every check
         # fewer ids than the model is normal (vocabularies are padded to a round size); more would index past it
         if tok.vocab_size > args.vocab_size:
             raise InputError(f"{tok_path}: {tok.vocab_size} token ids, the model in {a.init_from} has only "
@@ -416,7 +422,8 @@ def main(argv=None):
             if docs and not (1 <= stride <= window <= ctx):
                 raise InputError(f"--window={window} --stride={stride}: need 1 <= stride <= window <= {ctx} "
                                  "(the model's context)")
-            model = load(a.init_from, a.adapter, a.device, a.quantize).eval()
+            model = C.load_for_inference(a.init_from, a.adapter or None, configurator.pick_device(a.device),
+                                         a.quantize or None).eval()
         except ValueError as e:  # CheckpointError, a bad adapter, InputError: each names its file or flag
             raise SystemExit(f"error: {e}") from None
         if data is not None:
@@ -446,7 +453,7 @@ def main(argv=None):
             print(f"skipped (--skip_bad): {len(bad)}")
             for m in bad:
                 print(f"  {m}")
-    except (InputError, DataError, M.CheckpointError) as e:  # each names its file or flag
+    except (configurator.ConfigError, InputError, DataError, C.CheckpointError) as e:  # each names its file or flag
         raise SystemExit(f"error: {e}") from None
 
 

@@ -1,12 +1,14 @@
-# Paged AdamW: AdamW whose fp32 moments live in CUDA managed (unified) memory, so that under GPU memory pressure
-# the driver pages them out to host RAM instead of the step failing with out-of-memory. This is the "paged
-# optimizer" of QLoRA (Dettmers et al. 2023, section 3) as bitsandbytes' PagedAdamW32bit implements it, written
-# with torch + ctypes only: a small binding to the CUDA runtime torch already loaded (cudaMallocManaged,
-# cudaMemPrefetchAsync), a zero-copy torch view of a managed allocation (__cuda_array_interface__), and the exact
-# update of torch.optim.AdamW (_single_tensor_adam). Managed memory is invisible to torch.cuda's memory stats
-# and to set_per_process_memory_fraction: that is the point, and also why we check free memory ourselves.
-# PagedAdamW8bit is bitsandbytes' PagedAdamW8bit: the same update with both moments stored blockwise in 8 bits
-# (Dettmers et al. 2022), a quarter of the memory; its quantization is plain torch on every device.
+# Paged AdamW: AdamW whose fp32 moments live in CUDA managed (unified) memory, so that under GPU
+# memory pressure the driver pages them out to host RAM instead of the step failing with
+# out-of-memory. This is the "paged optimizer" of QLoRA (Dettmers et al. 2023, section 3) as
+# bitsandbytes' PagedAdamW32bit implements it, written with torch + ctypes only: a small binding to
+# the CUDA runtime torch already loaded (cudaMallocManaged, cudaMemPrefetchAsync), a zero-copy torch
+# view of a managed allocation (__cuda_array_interface__), and the exact update of torch.optim.AdamW
+# (_single_tensor_adam). Managed memory is invisible to torch.cuda's memory stats and to
+# set_per_process_memory_fraction: that is the point, and also why we check free memory ourselves.
+# PagedAdamW8bit is bitsandbytes' PagedAdamW8bit: the same update with both moments stored blockwise
+# in 8 bits (Dettmers et al. 2022), a quarter of the memory; its quantization is plain torch on
+# every device.
 import ctypes
 import ctypes.util
 import glob
@@ -18,23 +20,24 @@ import torch
 
 import qlora as Q
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # ctypes binding to libcudart, loaded on first use only, so this module imports on CPU-only machines
 
 cudaMemAttachGlobal = 1  # the allocation is accessible from any stream on any device
-cudaDevAttrConcurrentManagedAccess = 89  # 1 if GPU and CPU may touch managed memory at the same time
+cudaDevAttrConcurrentManagedAccess = 89  # 1: GPU and CPU may touch managed memory at once
 cudaMemLocationTypeDevice, cudaMemLocationTypeHost = 1, 2
 cudaMemAdviseSetPreferredLocation, cudaMemAdviseSetAccessedBy = 3, 5
 cudaErrorCudartUnloading = 4  # returned by calls made while the process is shutting down
 
 
-class cudaMemLocation(ctypes.Structure):  # CUDA 13 passes this struct BY VALUE to prefetch and advise
+class cudaMemLocation(ctypes.Structure):  # CUDA 13 passes it BY VALUE to prefetch and advise
     _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
 
 def find_libcudart():
-    """Path of libcudart: the copy already loaded in this process first (the same runtime torch uses), then the
-    pip wheels' copies (torch/lib, nvidia/cuda_runtime for CUDA 12, nvidia/cu13 for CUDA 13), then the system's."""
+    """Path of libcudart: the copy already loaded in this process first (the same runtime torch
+    uses), then the pip wheels' copies (torch/lib, nvidia/cuda_runtime for CUDA 12, nvidia/cu13 for
+    CUDA 13), then the system's."""
     if os.path.exists("/proc/self/maps"):
         with open("/proc/self/maps") as f:
             for line in f:  # "address perms offset dev inode path"; the path may be absent
@@ -47,7 +50,8 @@ def find_libcudart():
         dirs += [os.path.join(sp, "nvidia", sub, "lib") for sub in ("cuda_runtime", "cu13")]
     major = (torch.version.cuda or "").split(".")[0]  # prefer the runtime torch was built against
     for d in dirs:
-        found = sorted(glob.glob(os.path.join(d, "libcudart*.so*")), key=lambda p: not p.endswith("." + major))
+        found = glob.glob(os.path.join(d, "libcudart*.so*"))
+        found.sort(key=lambda p: not p.endswith("." + major))
         if found:
             return found[0]
     return ctypes.util.find_library("cudart")
@@ -58,19 +62,21 @@ class CudaRuntime:
         self.lib = lib = ctypes.CDLL(path)
         P, S, I, U = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint
 
-        def fn(name, *argtypes, restype=ctypes.c_int):  # declare every signature: ctypes' default is int
+        def fn(name, *argtypes, restype=ctypes.c_int):  # every signature: ctypes' default is int
             f = getattr(lib, name)
             f.argtypes, f.restype = list(argtypes), restype
             return f
 
         self._error_string = fn("cudaGetErrorString", I, restype=ctypes.c_char_p)
         version = ctypes.c_int()
-        self._check(fn("cudaRuntimeGetVersion", ctypes.POINTER(I))(ctypes.byref(version)), "cudaRuntimeGetVersion")
+        get_version = fn("cudaRuntimeGetVersion", ctypes.POINTER(I))
+        self._check(get_version(ctypes.byref(version)), "cudaRuntimeGetVersion")
         self.version = version.value  # e.g. 12080 for 12.8, 13000 for 13.0
         self._malloc = fn("cudaMallocManaged", ctypes.POINTER(P), S, U)
         self._free = fn("cudaFree", P)
         self._attribute = fn("cudaDeviceGetAttribute", ctypes.POINTER(I), I, I)
-        # CUDA 13 replaced the int device of prefetch/advise with a cudaMemLocation struct (+ flags for prefetch)
+        # CUDA 13 replaced the int device of prefetch/advise with a cudaMemLocation struct (+ flags
+        # for prefetch)
         if self.version >= 13000:
             self._prefetch = fn("cudaMemPrefetchAsync", P, S, cudaMemLocation, U, P)
             self._advise = fn("cudaMemAdvise", P, S, I, cudaMemLocation)
@@ -81,26 +87,30 @@ class CudaRuntime:
 
     def _check(self, err, call):
         if err != 0:
-            raise RuntimeError(f"CUDA runtime call {call} failed: error {err} ({self._error_string(err).decode()})")
+            why = self._error_string(err).decode()
+            raise RuntimeError(f"CUDA runtime call {call} failed: error {err} ({why})")
 
     def _location(self, device):  # device index, or -1 (cudaCpuDeviceId) for host memory
         if self.version >= 13000:
-            return cudaMemLocation(cudaMemLocationTypeHost if device < 0 else cudaMemLocationTypeDevice, device)
+            kind = cudaMemLocationTypeHost if device < 0 else cudaMemLocationTypeDevice
+            return cudaMemLocation(kind, device)
         return device
 
     def malloc_managed(self, nbytes):
         ptr = ctypes.c_void_p()
-        self._check(self._malloc(ctypes.byref(ptr), nbytes, cudaMemAttachGlobal), f"cudaMallocManaged({nbytes})")
+        err = self._malloc(ctypes.byref(ptr), nbytes, cudaMemAttachGlobal)
+        self._check(err, f"cudaMallocManaged({nbytes})")
         return ptr.value
 
     def free(self, ptr):
-        err = self._free(ptr)  # cudaFree synchronizes the device, so no kernel is still using the pages
-        if err != cudaErrorCudartUnloading:  # at interpreter exit the runtime may already be gone: nothing to free
+        err = self._free(ptr)  # cudaFree synchronizes the device: no kernel still uses the pages
+        if err != cudaErrorCudartUnloading:  # at exit the runtime may be gone: nothing to free
             self._check(err, "cudaFree")
 
-    def prefetch(self, ptr, nbytes, device, stream):  # stream-ordered: kernels queued after it find pages resident
+    def prefetch(self, ptr, nbytes, device, stream):  # stream-ordered: later kernels find the pages
         args = (0, stream) if self.version >= 13000 else (stream,)  # flags = 0 on CUDA 13
-        self._check(self._prefetch(ptr, nbytes, self._location(device), *args), "cudaMemPrefetchAsync")
+        err = self._prefetch(ptr, nbytes, self._location(device), *args)
+        self._check(err, "cudaMemPrefetchAsync")
 
     def advise(self, ptr, nbytes, advice, device):
         self._check(self._advise(ptr, nbytes, advice, self._location(device)), "cudaMemAdvise")
@@ -122,26 +132,28 @@ def cudart():
     if _runtime is None:
         path = find_libcudart()
         if path is None:
-            raise RuntimeError("paged_adamw: libcudart not found (not loaded by torch, not in torch/lib, "
-                               "nvidia/*/lib or the system library path); is this a CUDA build of torch?")
+            raise RuntimeError("paged_adamw: libcudart not found (not loaded by torch, not in "
+                               "torch/lib, nvidia/*/lib or the system library path); is this "
+                               "a CUDA build of torch?")
         _runtime = CudaRuntime(path)
     return _runtime
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # managed tensors: torch tensors over cudaMallocManaged memory
 
 
 class ManagedBuffer:
-    """Owns one managed allocation. torch.as_tensor keeps a reference to it for as long as any tensor (or view) of
-    the memory lives, so __del__ runs once, after the last one dies, and frees the pages exactly once."""
+    """Owns one managed allocation. torch.as_tensor keeps a reference to it for as long as any
+    tensor (or view) of the memory lives, so __del__ runs once, after the last one dies, and frees
+    the pages exactly once."""
     frees = 0  # number of cudaFree calls made, for tests
 
     def __init__(self, nbytes):
         self.ptr = None  # set first, so __del__ has nothing to free if the allocation fails
         self.ptr = cudart().malloc_managed(nbytes)
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.ptr, False),
-                                         "version": 3}  # data = (pointer, read_only)
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "version": 3,
+                                         "data": (self.ptr, False)}  # (pointer, read_only)
 
     def __del__(self):
         if self.ptr is not None:
@@ -155,86 +167,50 @@ def managed_tensor(shape, dtype, device):
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"managed memory is CUDA memory, got device {device}")
-    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-    nbytes = math.prod(shape) * dtype.itemsize
+    index = torch.cuda.current_device() if device.index is None else device.index
+    device, nbytes = torch.device("cuda", index), math.prod(shape) * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(device)
-    if not 0 < nbytes <= free:  # oversubscribing managed memory at allocation can stall the whole GPU
-        raise RuntimeError(f"managed_tensor: refusing to allocate {nbytes} bytes of managed memory on {device} "
-                           f"with {free} bytes free")
-    with torch.cuda.device(device):  # the pointer's device (what torch reads back) is the current one
+    if not 0 < nbytes <= free:  # oversubscribing managed memory at allocation can stall the GPU
+        raise RuntimeError(f"managed_tensor: refusing to allocate {nbytes} bytes of managed memory "
+                           f"on {device} with {free} bytes free")
+    with torch.cuda.device(device):  # the pointer's device (what torch reads back) is the current
         buf = ManagedBuffer(nbytes)
-        t = torch.as_tensor(buf, device=device)  # (nbytes,) uint8, zero copy; torch parses typestr with numpy
-    return t.view(dtype).view(shape).zero_()  # zero_ on the current stream also maps the pages on the GPU
+        t = torch.as_tensor(buf, device=device)  # (nbytes,) uint8, zero copy (typestr via numpy)
+    return t.view(dtype).view(shape).zero_()  # zero_ on the current stream maps the pages on GPU
 
 
 def prefetch(t, device=None):
-    """Queue a migration of managed tensor t's pages to `device` (default its own; "cpu" for host RAM)."""
+    """Queue a migration of managed tensor t's pages to `device` (its own; "cpu": host RAM)."""
     device = t.device if device is None else torch.device(device)
     index = -1 if device.type == "cpu" else device.index  # -1 = cudaCpuDeviceId
     stream = torch.cuda.current_stream(t.device).cuda_stream
     cudart().prefetch(t.data_ptr(), t.numel() * t.element_size(), index, stream)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 8-bit states: blockwise quantization with the dynamic maps (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
-# Quantization"). A state tensor is cut into blocks of 256 values over its flattened elements; each block keeps one
-# fp32 absmax and each value the uint8 index of the map entry nearest to value / absmax. exp_avg (signed) uses the
-# signed dynamic map that double quantization also uses (qlora.DYNAMIC); exp_avg_sq (never negative) the unsigned
-# one, which spends the sign bit on twice the fractions per exponent. Both maps are bitsandbytes' bit for bit.
+# -----------------------------------------------------------------------------
+# 8-bit states (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): each
+# moment in blocks of 256 values over its flattened elements, one fp32 absmax a block and a uint8
+# code a value, by qlora.quantize_blockwise (the quantizer of double quantization). exp_avg takes
+# the signed dynamic map (qlora.DYNAMIC); exp_avg_sq, never negative, the unsigned one, which
+# spends the sign bit on twice the fractions per exponent. Both are bitsandbytes' bit for bit.
 
 STATE_BLOCKSIZE = 256  # bitsandbytes' blockwise optimizers (optimizer.py: blocksize = 256)
-
-
 SIGNED_MAP, UNSIGNED_MAP = Q.DYNAMIC, Q.dynamic_map(signed=False)
-_on_device = {}  # (id(map), device) -> (map, its fp32 copy there, fp64 midpoints there): one copy, not one per step
 
-
-def _tables(code, device):
-    key = (id(code), device)
-    if key not in _on_device:  # the map itself is kept in the value, so its id cannot be reused while cached
-        c64 = code.to(device, torch.float64)
-        _on_device[key] = (code, code.to(device, torch.float32), (c64[1:] + c64[:-1]) / 2)
-    return _on_device[key][1:]
-
-
-def quantize_blockwise(x, code, blocksize=STATE_BLOCKSIZE, out=None, absmax=None):
-    """x: fp32, any shape -> (codes uint8 of x.shape, absmax fp32 [ceil(n / blocksize)]), written into `out` and
-    `absmax` when given. Each value is scaled by its block's reciprocal absmax (a multiply, as bitsandbytes' CUDA
-    kernels) and takes the exactly nearest code, ties to the lower one: fp32 values and fp32 codes have exact fp64
-    midpoints. An all-zero block has absmax 0 and stores the code of 0.0."""
-    assert x.dtype == torch.float32 and code.shape == (256,), "x: fp32, code: fp32 [256]"
-    n = x.numel()
-    nb = -(-n // blocksize)
-    blocks = torch.nn.functional.pad(x.reshape(-1), (0, nb * blocksize - n)).view(nb, blocksize)
-    amax = blocks.abs().amax(dim=1)  # (nb,)
-    recip = torch.where(amax > 0, 1.0 / amax, torch.zeros_like(amax))
-    scaled = (blocks * recip[:, None]).view(-1)[:n]
-    idx = torch.bucketize(scaled.double(), _tables(code, x.device)[1], out_int32=True)  # (n,) int32
-    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if out is None else out
-    out.view(-1).copy_(idx)
-    absmax = amax if absmax is None else absmax.copy_(amax)
-    return out, absmax
-
-
-def dequantize_blockwise(codes, absmax, code, blocksize=STATE_BLOCKSIZE):
-    """codes uint8 (any shape), absmax fp32 [nblocks] -> fp32 of codes.shape: code[c] * absmax[block], one fp32
-    multiply (bitsandbytes' dequantize_blockwise)."""
-    n = codes.numel()
-    scale = absmax.repeat_interleave(blocksize)[:n]
-    return (_tables(code, codes.device)[0][codes.reshape(-1).long()] * scale).view(codes.shape)
-
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # the optimizers
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW (decoupled weight decay, bias correction), with fp32 moments kept in managed memory for
-    CUDA parameters of at least `page_threshold` elements (bitsandbytes' rule: small tensors are not worth paging)."""
+    """torch.optim.AdamW (decoupled weight decay, bias correction), with fp32 moments kept in
+    managed memory for CUDA parameters of at least `page_threshold` elements (bitsandbytes' rule:
+    small tensors are not worth paging)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  page_threshold=100_000, paged=True, **extra):
-        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid hyperparameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"invalid hyperparameters lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         page_threshold=page_threshold, paged=paged, **extra)
         super().__init__(params, defaults)
@@ -248,9 +224,9 @@ class PagedAdamW(torch.optim.Optimizer):
             return managed_tensor(shape, dtype, p.device)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
-    # the layout of one parameter's state: name -> (shape, dtype, pageable); 32-bit: two fp32 moments shaped like p
-    def _layout(self, p, group):
-        return {"exp_avg": (p.shape, torch.float32, True), "exp_avg_sq": (p.shape, torch.float32, True)}
+    def _layout(self, p, group):  # a parameter's state: name -> (shape, dtype, pageable)
+        return {"exp_avg": (p.shape, torch.float32, True),  # 32-bit: two fp32 moments like p
+                "exp_avg_sq": (p.shape, torch.float32, True)}
 
     def _moments(self, state):  # fp32 m, v to update in place
         return state["exp_avg"], state["exp_avg_sq"]
@@ -265,34 +241,37 @@ class PagedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            wd = group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
-                if not state:  # step is a CPU fp32 scalar tensor, as torch's non-capturable AdamW keeps it
+                if not state:  # step: a CPU fp32 scalar, as torch's non-capturable AdamW keeps it
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     for name, (shape, dtype, pageable) in self._layout(p, group).items():
                         state[name] = self._zeros(p, group, shape, dtype, pageable)
                 if self._is_paged(p, group) and cudart().concurrent_managed_access(p.device.index):
                     for name, (_, _, pageable) in self._layout(p, group).items():
                         if pageable:
-                            prefetch(state[name])  # bring evicted pages back before the kernels below touch them
+                            prefetch(state[name])  # evicted pages back before the kernels below
                 m, v = self._moments(state)
                 state["step"] += 1
                 step = state["step"].item()
-                # the maths in fp32 even for bf16/fp16 params: the update lr*m/sqrt(v) is far below bf16's
-                # resolution near 1, so it must be accumulated in fp32 and rounded once on write-back
+                # the maths in fp32 even for bf16/fp16 params: the update lr*m/sqrt(v) is far below
+                # bf16's resolution near 1, so it must be accumulated in fp32 and rounded once on
+                # write-back
                 p32 = p if p.dtype == torch.float32 else p.float()
                 g = p.grad.float()  # no copy when already fp32
-                # the same operations in the same order as torch's _single_tensor_adam, so results match bitwise
+                # the same operations in the same order as torch's _single_tensor_adam, so results
+                # match bitwise
                 if wd != 0:
-                    p32.mul_(1 - lr * wd)  # decoupled weight decay: p <- p (1 - lr wd), not through the gradient
+                    p32.mul_(1 - lr * wd)  # decoupled weight decay: p <- p (1 - lr wd), not via g
                 m.lerp_(g, 1 - beta1)  # m <- b1 m + (1 - b1) g
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v <- b2 v + (1 - b2) g^2
-                bias_correction1 = 1 - beta1 ** step  # m and v start at 0: divide out their bias towards it
+                bias_correction1 = 1 - beta1 ** step  # m, v start at 0: divide out that bias
                 bias_correction2 = 1 - beta2 ** step
                 step_size = lr / bias_correction1
                 denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)  # sqrt(v_hat) + eps
@@ -303,18 +282,22 @@ class PagedAdamW(torch.optim.Optimizer):
         return loss
 
     def state_dict(self):
-        # checkpoints hold plain CPU tensors: never managed memory, loadable on a machine without a GPU
+        # checkpoints hold plain CPU tensors: never managed memory, loadable on a machine without a
+        # GPU
         sd = super().state_dict()
         sd["state"] = {k: {name: x.cpu() if torch.is_tensor(x) else x for name, x in s.items()}
                        for k, s in sd["state"].items()}
         return sd
 
     def load_state_dict(self, state_dict):
-        # torch's loader would cast the states to the param's dtype and device (bf16 moments, allocated in
-        # torch's pool); give it only the step counters, then rebuild the states in (managed) memory ourselves
+        # torch's loader would cast the states to the param's dtype and device (bf16 moments,
+        # allocated in torch's pool); give it only the step counters, then rebuild the states in
+        # (managed) memory ourselves
         saved = state_dict["state"]
-        steps = {k: {"step": torch.tensor(float(s["step"]), dtype=torch.float32)} for k, s in saved.items()}
-        groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]  # settings another optimizer lacks
+        steps = {k: {"step": torch.tensor(float(s["step"]), dtype=torch.float32)}
+                 for k, s in saved.items()}
+        # (settings another optimizer lacks: this one's defaults)
+        groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
         super().load_state_dict({**state_dict, "state": steps, "param_groups": groups})
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for p, k in zip(group["params"], saved_group["params"]):
@@ -322,51 +305,66 @@ class PagedAdamW(torch.optim.Optimizer):
                     continue
                 layout = self._layout(p, group)
                 if sorted(layout) != sorted(n for n in saved[k] if n != "step"):
-                    raise ValueError(f"{type(self).__name__}: the saved state of parameter {k} holds "
-                                     f"{sorted(saved[k])}, this optimizer keeps {sorted(layout)}: it was saved by "
-                                     "another optimizer (32-bit and 8-bit states do not convert)")
+                    raise ValueError(f"{type(self).__name__}: the saved state of parameter {k} "
+                                     f"holds {sorted(saved[k])}, this optimizer keeps "
+                                     f"{sorted(layout)}: it was saved by another optimizer (32-bit "
+                                     "and 8-bit states do not convert)")
                 for name, (shape, dtype, pageable) in layout.items():
                     t = saved[k][name]
                     if t.shape != shape or t.dtype != dtype:
-                        raise ValueError(f"{type(self).__name__}: saved {name} of parameter {k} is {t.dtype} "
-                                         f"{list(t.shape)}, expected {dtype} {list(shape)}")
+                        raise ValueError(f"{type(self).__name__}: saved {name} of parameter {k} "
+                                         f"is {t.dtype} {list(t.shape)}, expected {dtype} "
+                                         f"{list(shape)}")
                     self.state[p][name] = self._zeros(p, group, shape, dtype, pageable).copy_(t)
 
 
 class PagedAdamW8bit(PagedAdamW):
-    """bitsandbytes' PagedAdamW8bit: the same AdamW update, with both moments stored blockwise in 8 bits (uint8
-    codes in managed memory, like the fp32 moments of PagedAdamW, plus one fp32 absmax per 256 values): 2.03 bytes
-    per trained parameter instead of 8. Each step dequantizes a parameter's moments to fp32, updates them and the
-    parameter exactly as PagedAdamW does, and quantizes them back; so the only difference from PagedAdamW is the
-    rounding of the stored moments. Parameters under `min_8bit_size` elements keep fp32 moments (bitsandbytes' rule:
-    for them the absmax overhead is large and the saving nil)."""
+    """bitsandbytes' PagedAdamW8bit: the same AdamW update, with both moments stored blockwise in 8
+    bits (uint8 codes in managed memory, like the fp32 moments of PagedAdamW, plus one fp32 absmax
+    per 256 values): 2.03 bytes per trained parameter instead of 8. Each step dequantizes a
+    parameter's moments to fp32, updates them and the parameter exactly as PagedAdamW does, and
+    quantizes them back; so the only difference from PagedAdamW is the rounding of the stored
+    moments. Parameters under `min_8bit_size` elements keep fp32 moments (bitsandbytes' rule: for
+    them the absmax overhead is large and the saving nil)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  page_threshold=100_000, paged=True, min_8bit_size=4096):
-        super().__init__(params, lr, betas, eps, weight_decay, page_threshold, paged, min_8bit_size=min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, page_threshold, paged,
+                         min_8bit_size=min_8bit_size)
+        self.maps = {}  # device -> (signed, unsigned) map there: copied once, not every step
+
+    def _maps(self, device):
+        if device not in self.maps:
+            self.maps[device] = SIGNED_MAP.to(device), UNSIGNED_MAP.to(device)
+        return self.maps[device]
 
     def _layout(self, p, group):
         if p.numel() < group["min_8bit_size"]:
             return super()._layout(p, group)
         nb = (-(-p.numel() // STATE_BLOCKSIZE),)
-        return {"exp_avg": (p.shape, torch.uint8, True), "exp_avg_absmax": (nb, torch.float32, False),
-                "exp_avg_sq": (p.shape, torch.uint8, True), "exp_avg_sq_absmax": (nb, torch.float32, False)}
+        return {"exp_avg": (p.shape, torch.uint8, True),
+                "exp_avg_absmax": (nb, torch.float32, False),
+                "exp_avg_sq": (p.shape, torch.uint8, True),
+                "exp_avg_sq_absmax": (nb, torch.float32, False)}
 
     def _moments(self, state):
         if state["exp_avg"].dtype == torch.float32:
             return super()._moments(state)
-        return (dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], SIGNED_MAP),
-                dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], UNSIGNED_MAP))
+        signed, unsigned = self._maps(state["exp_avg"].device)
+        return (Q.dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed),
+                Q.dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], unsigned))
 
     def _store(self, state, m, v):
-        if state["exp_avg"].dtype == torch.uint8:  # requantize in place: codes and absmax keep their memory
-            quantize_blockwise(m, SIGNED_MAP, out=state["exp_avg"], absmax=state["exp_avg_absmax"])
-            quantize_blockwise(v, UNSIGNED_MAP, out=state["exp_avg_sq"], absmax=state["exp_avg_sq_absmax"])
+        if state["exp_avg"].dtype == torch.uint8:  # requantized in place: the same memory
+            signed, unsigned = self._maps(m.device)
+            Q.quantize_blockwise(m, signed, out=state["exp_avg"], absmax=state["exp_avg_absmax"])
+            Q.quantize_blockwise(v, unsigned, out=state["exp_avg_sq"],
+                                 absmax=state["exp_avg_sq_absmax"])
 
 
 def state_bytes(numel, bits=32, min_8bit_size=4096):
-    """Bytes of one parameter's optimizer states: two fp32 moments, or two uint8 code tensors and their fp32 absmax
-    (for parameters of at least min_8bit_size elements). For the memory plan."""
+    """Bytes of one parameter's optimizer states: two fp32 moments, or two uint8 code tensors and
+    their fp32 absmax (for parameters of at least min_8bit_size elements). For the memory plan."""
     if bits == 32 or numel < min_8bit_size:
         return 8 * numel
     return 2 * (numel + 4 * -(-numel // STATE_BLOCKSIZE))

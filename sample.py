@@ -12,10 +12,10 @@ would drop the BOS and the "### Human:" marker the model was tuned on. Generatio
 Ids past the tokenizer's (a model's embedding rows padded to a round number) are never sampled.
 Every mistake (a flag out of range, a missing folder, a bad checkpoint or adapter) is one line, `error: ...`.
 """
-import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:  # before torch loads OpenMP: README, "A busy CPU"
@@ -23,26 +23,37 @@ if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:  # before torch loads
 
 import torch
 
-import model as M
-import qlora as Q
+import checkpoint as C
+import configurator
+
+
+@dataclass
+class Config:
+    init_from: str = ""            # base model directory (with tokenizer.model); required
+    adapter: str = ""              # a PEFT-format LoRA adapter directory, e.g. out/adapter; "" = none
+    quantize: str = ""             # nf4 | fp4: load a 16-bit base in 4 bits; "" = as stored
+    prompt: str = "Hello!"         # the user's turn (or, with --raw, the text to continue)
+    raw: bool = False              # no chat template: continue the prompt as it is
+    max_new_tokens: int = 200      # at most this many tokens after the prompt (fewer at EOS or the context's end)
+    temperature: float = 0.0       # 0 = greedy
+    top_p: float = 0.9             # nucleus sampling: the smallest set of tokens holding this much probability
+    seed: int = 1337               # 0 to 2**63-1
+    device: str = "auto"           # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
 
 
 class SampleError(ValueError):
-    """A user's mistake that is not in a checkpoint file (those are model.CheckpointError): one line at the CLI."""
+    """A user's mistake that is not in a checkpoint file (those are checkpoint.CheckpointError): one line at the
+    CLI."""
 
 
-def load(init_from, adapter=None, device="cpu", quantize=None):
-    """Base weights (HF, Meta or bitsandbytes 4-bit) plus an optional adapter, ready to generate."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if adapter is None and quantize is None and not Q.is_bnb_4bit(init_from):
-        return M.load_model(init_from, device=device, dtype=dtype)  # plain 16/32-bit model
-    # the base in 4 bits without adapters; load_adapter then gives the modules the adapter's target_modules name
-    # (a list, or PEFT's single regex string) its r, alpha and weights, all checked against adapter_config.json
-    model = Q.load_quantized(init_from, device=device, dtype=dtype, quant_type=quantize or "nf4",
-                             compute_dtype=dtype, r=0)
-    if adapter:
-        Q.load_adapter(model, adapter)
-    return model
+def parse_config(argv):
+    """Config from --key=value flags: each value of the field's type, the required and the choice flags given."""
+    cfg = Config(**configurator.parse_flags(Config, argv, __doc__))
+    if not cfg.init_from:
+        raise configurator.ConfigError("--init_from is required: a model folder with tokenizer.model")
+    if cfg.quantize:  # "": as stored
+        configurator.check_choices(cfg, dict(quantize=("nf4", "fp4")))
+    return cfg
 
 
 def check_flags(a):
@@ -61,17 +72,9 @@ def check_flags(a):
         raise SampleError("--prompt is not valid UTF-8 text") from None
     if not Path(a.init_from).is_dir():
         raise SampleError(f"--init_from={a.init_from}: no such directory (a model folder with tokenizer.model)")
-    if a.adapter is not None and not Path(a.adapter).is_dir():
+    if a.adapter and not Path(a.adapter).is_dir():
         raise SampleError(f"--adapter={a.adapter}: no such directory (a PEFT adapter folder, e.g. out/adapter)")
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        raise SampleError(f"--device={a.device}: not a device; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device={a.device}: not available here; use --device=cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SampleError(f"--device={a.device}: no such GPU; this machine has {torch.cuda.device_count()}, "
-                          "numbered from 0")
+    configurator.check_device(a.device)  # a ConfigError
 
 
 def checked_logits(a, n_ids):
@@ -92,10 +95,11 @@ def generate(a):
     tok_path = Path(a.init_from) / "tokenizer.model"
     if not tok_path.is_file():
         raise SampleError(f"{tok_path}: missing; the model's sentencepiece tokenizer.model belongs beside its weights")
-    tok = M.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
+    tok = C.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
     if tok.bos_id < 0:  # as data/oasst1/prepare.py, which refuses such a tokenizer for training
         raise SampleError(f"{tok_path}: defines no BOS id, which every prompt starts with")
-    model = load(a.init_from, a.adapter, a.device, a.quantize).eval()
+    device = configurator.pick_device(a.device)
+    model = C.load_for_inference(a.init_from, a.adapter or None, device, a.quantize or None).eval()
     if tok.vocab_size > model.args.vocab_size:
         raise SampleError(f"{tok_path}: {tok.vocab_size} token ids, the model in {a.init_from} has only "
                           f"{model.args.vocab_size}: not this model's tokenizer")
@@ -108,34 +112,17 @@ def generate(a):
     if len(ids) + a.max_new_tokens > ctx:
         print(f"note: the context of {ctx} tokens leaves room for {ctx - len(ids)} new tokens, not "
               f"{a.max_new_tokens}", file=sys.stderr)
-    out = model.generate(torch.tensor([ids], device=a.device), a.max_new_tokens, a.temperature, a.top_p,
+    out = model.generate(torch.tensor([ids], device=device), a.max_new_tokens, a.temperature, a.top_p,
                          eos_id=tok.eos_id, n_ids=tok.vocab_size)
     return tok.decode([t for t in out[0].tolist() if t not in (tok.bos_id, tok.eos_id)])
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors as one line too
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", required=True, help="base model directory (with tokenizer.model)")
-    p.add_argument("--adapter", default=None, help="a PEFT-format LoRA adapter directory, e.g. out/adapter")
-    p.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="load a 16-bit base in 4 bits")
-    p.add_argument("--prompt", default="Hello!")
-    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as it is")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        print(generate(a))
-    except (SampleError, M.CheckpointError) as e:  # bad input; anything else is a bug and keeps its traceback
-        sys.exit(f"error: {e}")
+        print(generate(parse_config(argv)))
+    except (configurator.ConfigError, SampleError, C.CheckpointError) as e:  # bad input; anything else is a bug
+        sys.exit(f"error: {e}")                                               # and keeps its traceback
 
 
 if __name__ == "__main__":

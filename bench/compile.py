@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import math
 import os
 import re
 import sys
@@ -131,16 +132,16 @@ def record(call):
             for n, g, args, kw in launches]
 
 
-def _nf4_state(numel, blocksize, dq, *between):
-    """A quantized weight's arguments as fake CUDA tensors: packed, absmax, code, blocksize, *between, nested
-    absmax, nested code, offset (the wrappers' argument order; `between` is numel and dtype, or the shape)."""
+def _nf4_state(shape, blocksize, dq, dtype=torch.bfloat16):
+    """A quantized weight of `shape` as a kernels.QuantState of fake CUDA tensors (dtype: its default
+    dequantized dtype), with double quantization (dq) or an fp32 absmax."""
+    numel = math.prod(shape)
     nb = -(-numel // blocksize)
     packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device="cuda")
-    code = torch.empty(16, device="cuda")
-    if not dq:
-        return packed, torch.empty(nb, device="cuda"), code, blocksize, *between, None, None, 0.0
-    return (packed, torch.empty(nb, dtype=torch.uint8, device="cuda"), code, blocksize, *between,
-            torch.empty(-(-nb // 256), device="cuda"), torch.empty(256, device="cuda"), 0.01)
+    absmax = torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device="cuda")
+    nested = (torch.empty(-(-nb // 256), device="cuda"), torch.empty(256, device="cuda"), 0.01) if dq else ()
+    return kernels.QuantState(packed, absmax, torch.empty(16, device="cuda"), shape, dtype, blocksize, "nf4",
+                              *nested)
 
 
 def layer_shapes(presets):
@@ -183,7 +184,7 @@ def specializations(quick):
     blocksizes = (64,) if quick else BLOCKSIZES
     for (N, K), bs, (dn, dt), dq in itertools.product(shapes, blocksizes, DTYPES.items(), (False, True)):
         add(f"dequantize {dn} bs{bs}{' dq' * dq} {N}x{K}",
-            lambda: kernels.dequantize_4bit_triton(*_nf4_state(N * K, bs, dq, N * K, dt)))
+            lambda: kernels.dequantize_4bit_triton(_nf4_state((N, K), bs, dq), dt))
         if not dq:  # double quantization of the absmax happens in torch after the kernel
             add(f"quantize {dn} bs{bs} {N}x{K}", lambda: kernels.quantize_4bit_triton(
                 torch.empty(N, K, dtype=dt, device="cuda"), torch.empty(16, device="cuda"), bs))
@@ -193,7 +194,7 @@ def specializations(quick):
                                                           tokens, (False, True)):
         add(f"matmul {'backward' if transpose else 'forward'} {dn}{' dq' * dq} M={T} {N}x{K}",
             lambda: kernels.matmul_4bit_triton(torch.empty(T, N if transpose else K, dtype=DTYPES[dn], device="cuda"),
-                                               *_nf4_state(N * K, 64, dq, (N, K)), transpose=transpose))
+                                               _nf4_state((N, K), 64, dq), transpose=transpose))
     for i, more in seen.values():
         if more:
             jobs[i] = (jobs[i][0] + f" (+{more} shapes)",) + jobs[i][1:]

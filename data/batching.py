@@ -109,6 +109,28 @@ def prepare_dir(name, tokenizer_path, train_on="assistant", verbose=True):
     return folder
 
 
+def datasets():
+    """The names --data takes: the folders of data/ with a prepare.py."""
+    return sorted(p.parent.name for p in DATA.glob("*/prepare.py"))
+
+
+def data_folder(data, tokenizer_path, train_on="assistant", prepare=True):
+    """The prepared folder for --data: a dataset's name (data/<name>/prepared/<key>, made first with prepare=True:
+    one process prepares, train.py's others wait and call this with prepare=False), or the path of a folder that a
+    data/*/prepare.py already wrote for this tokenizer and loss mode."""
+    if (name := data.rstrip("/")) in datasets():
+        return prepare_dir(name, tokenizer_path, train_on) if prepare else prepared_dir(name, tokenizer_path, train_on)
+    if not (data and (Path(data) / "meta.json").exists()):
+        raise DataError(f"--data={data!r}: not a dataset ({', '.join(datasets())}: a folder of data/ with a "
+                        "prepare.py) nor a prepared folder with a meta.json")
+    meta = load_meta(data)
+    want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=train_on)
+    if bad := [k for k, v in want.items() if meta.get(k) != v]:
+        raise DataError(f"{Path(data) / 'meta.json'}: prepared with another {' and '.join(bad)} than this run's; "
+                        "prepare it again")
+    return Path(data)
+
+
 class Split:
     """One prepared split: conversation i is (tokens int64 (L,), mask bool (L,)), mask = in the loss. The files are
     checked against each other as they open, so a corrupt folder is a DataError naming the file, not a numpy error

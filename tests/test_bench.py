@@ -1,8 +1,12 @@
 # bench.py: a section runs alone on tiny shapes and writes its figures under the header fields, rewriting only its
 # own part of the results file; a missing peer gives the skip line, never a number.
 import re
+from pathlib import Path
+
+import pytest
 
 import bench
+import configurator
 
 
 def test_quick_section_writes_its_figures_and_keeps_the_others(tmp_path):
@@ -74,8 +78,9 @@ def test_scale_rows_toggle_each_saving_on_one_model_and_agree(monkeypatch):
 
 
 def test_fsdp_section_shards_the_base_as_train_py_does(tmp_path):
-    # 2 gloo ranks under torchrun, DDP then FSDP, through train.py's build_model / shard_model: each FSDP rank holds
-    # its part of the base (the parts add up to DDP's whole, each about half), and both modes train the same losses
+    # 2 gloo ranks under torchrun, DDP then FSDP, loaded and wrapped as train.py does (distributed.load_sharded and
+    # wrap): each FSDP rank holds its part of the base (the parts add up to DDP's whole, each about half), and both
+    # modes train the same losses
     out = tmp_path / "RESULTS.md"
     bench.main(["--section=fsdp", "--quick", f"--out={out}"])
     text = re.search(r"<!-- fsdp -->\n(.*?)<!-- /fsdp -->", out.read_text(), re.S).group(1)
@@ -98,3 +103,39 @@ def test_fsdp_section_on_one_gpu_says_it_needs_two(monkeypatch):
     out = []
     bench.bench_fsdp(bench.torch.device("cuda"), None, out)
     assert out == ["skipped: needs 2 GPUs (this machine has 1)"]
+
+
+def test_flags_parse_into_config_and_the_child_command_lines_parse_back(monkeypatch):
+    # bench.py's flags are configurator's: --key=value, --key value and a bare bool; "" leaves an optional choice
+    # unset; a value outside the choices is a ConfigError. The step section's child and the fsdp section's ranks
+    # run bench.py itself: their command lines parse back into the configuration each section meant.
+    a = bench.parse_config(["--section", "quant", "--quick", "--threads=1", "--out", "/tmp/r.md"])
+    assert (a.section, a.quick, a.threads, Path(a.out), a.impl, a.dist, a.models) == \
+        ("quant", True, 1, Path("/tmp/r.md"), "", "", "")
+    assert Path(bench.parse_config([]).out) == bench.ROOT / "bench" / "RESULTS.md"
+    for flag, message in (("--impl=nope", "--impl must be one of ours, peer, not 'nope'"),
+                          ("--batch=8x8", "--batch must be one of 4x256, 16x512, not '8x8'"),
+                          ("--steps=two", "--steps takes an? int, not 'two'")):  # (regexes)
+        with pytest.raises(configurator.ConfigError, match=f"^{message}$"):
+            bench.parse_config([flag])
+
+    class Started(Exception):
+        pass
+    cmds = []
+
+    def run(cmd, **kw):  # the first child's command line, then stop the section
+        cmds.append([str(c) for c in cmd])
+        raise Started
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    cpu = bench.torch.device("cpu")
+    with pytest.raises(Started):
+        bench.bench_step(cpu, a, [])
+    child = bench.parse_config(cmds[0][cmds[0].index(str(bench.ROOT / "bench.py")) + 1:])
+    assert (child.impl, child.quant, child.dtype, child.optimizer, child.loss, child.batch, child.steps,
+            child.threads, child.quick, child.profile) == \
+        ("ours", "nf4", "float32", "adamw", "full", "4x256", 2, 1, True, True) and child.ckpt
+    if Path("/proc/self/clear_refs").exists():  # else the fsdp section skips before any rank starts
+        with pytest.raises(Started):
+            bench.bench_fsdp(cpu, a, [])
+        rank = bench.parse_config(cmds[1][cmds[1].index(str(bench.ROOT / "bench.py")) + 1:])
+        assert (rank.dist, rank.threads, rank.quick) == ("ddp", 1, True) and rank.ckpt == rank.dist_out != ""

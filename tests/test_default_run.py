@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-import model as M
+import checkpoint as C
 import qlora as Q
 from conftest import ROOT
 from data.sample import pretrain as P
@@ -23,7 +23,7 @@ README_PROMPTS = {"What is 15+37?": "52", "Reverse QVLMVY": "YVMLVQ", "Count J i
 
 
 def tokenizer():
-    return M.Tokenizer(P.prepare.DEFAULTS["tokenizer_path"])
+    return C.Tokenizer(P.prepare.DEFAULTS["tokenizer_path"])
 
 
 def test_pretraining_text_holds_no_heldout_prompt():
@@ -69,10 +69,10 @@ def test_bundled_base_knows_heldout_facts():
     """The committed 4-bit base answers held-out prompts asked in plain text ("15+37=" -> "52"), each task >= 90%:
     the knowledge the fine-tune routes to is there, and generalizes (none of these was in its training text).
     The first 60 held-out prompts of each task (pretrain.py's own run checks them all: 100% each)."""
-    qc = Q.is_bnb_4bit(BASE)
+    qc = C.is_bnb_4bit(BASE)
     assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"]
     assert sum(f.stat().st_size for f in BASE.iterdir()) < 2_000_000  # a few MB at most, as committed
-    base = Q.load_quantized(BASE, r=0).eval()
+    base = C.load_quantized(BASE, r=0).eval()
     assert sum(m.weight.numel() * 2 for m in Q.linears_4bit(base).values()) < 5_000_000  # a few M parameters
     held = P.heldout()
     first = [h for i, h in enumerate(held) if sum(k == h[0] for k, _ in held[:i]) < 60]

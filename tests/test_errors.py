@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as C
 import model as M
 import qlora as Q
 import sample
@@ -83,7 +84,7 @@ def fuzz_reader(read, error, path, rounds=400, seed=0):
     for bit. Returns (problems, counts of each outcome)."""
     from safetensors.torch import load
     for k in range(8):  # a header with 4+ bytes of padding, so a shorter header length can land in it
-        M.save_safetensors(path, fuzz_tensors(), {"format": "pt", "pad": "x" * k})
+        C.save_safetensors(path, fuzz_tensors(), {"format": "pt", "pad": "x" * k})
         n, _, _ = header_of(blob := path.read_bytes())
         if blob[4 + n:8 + n] == b"    ":
             break
@@ -118,7 +119,7 @@ def fuzz_reader(read, error, path, rounds=400, seed=0):
 
 def test_fuzz_reader_refuses_or_agrees_with_safetensors(tmp_path):
     pytest.importorskip("safetensors", reason="the fuzz compares with the safetensors library (requirements-dev)")
-    problems, counts = fuzz_reader(M.read_safetensors, M.CheckpointError, tmp_path / "f.safetensors")
+    problems, counts = fuzz_reader(C.read_safetensors, C.CheckpointError, tmp_path / "f.safetensors")
     assert not problems, problems[:5]
     # both outcomes were exercised: refused corruptions, and accepted files (changed data bytes, swapped tensors)
     assert counts["refused"] > 100 and counts["agreed"] > 20, counts
@@ -135,10 +136,10 @@ def test_fuzz_catches_a_lax_reader(tmp_path):
         for name, info in h.items():
             s, e = info["data_offsets"]
             if e > len(data):
-                raise M.CheckpointError(f"{path}: {name} outside")
+                raise C.CheckpointError(f"{path}: {name} outside")
             yield name, torch.frombuffer(bytearray(data[s:e]) or bytearray(1), dtype=torch.uint8)[:e - s].view(
-                M.SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    problems, _ = fuzz_reader(lax, M.CheckpointError, tmp_path / "f.safetensors", rounds=200)
+                C.SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    problems, _ = fuzz_reader(lax, C.CheckpointError, tmp_path / "f.safetensors", rounds=200)
     kinds = {kind for _, kind, what in problems if what.startswith("accepted")}
     assert {"shift", "length", "tail"} <= kinds, kinds  # overlaps, a header length into the padding, a gap
 
@@ -147,7 +148,7 @@ def test_fuzz_catches_a_lax_reader(tmp_path):
 
 def good_file(tmp_path):
     p = tmp_path / "x.safetensors"
-    M.save_safetensors(p, {"a": torch.ones(2, 3), "b": torch.arange(4)})
+    C.save_safetensors(p, {"a": torch.ones(2, 3), "b": torch.arange(4)})
     return p
 
 
@@ -173,8 +174,8 @@ def test_malformed_headers_name_file_and_tensor(tmp_path, change, message):
     p = good_file(tmp_path)
     _, h, data = header_of(p.read_bytes())
     p.write_bytes(with_header(change(h), data))
-    with pytest.raises(M.CheckpointError, match=re.escape(str(p)) + ": " + message):
-        list(M.read_safetensors(p))
+    with pytest.raises(C.CheckpointError, match=re.escape(str(p)) + ": " + message):
+        list(C.read_safetensors(p))
 
 
 def test_header_length_and_raw_json_faults(tmp_path):
@@ -184,17 +185,17 @@ def test_header_length_and_raw_json_faults(tmp_path):
     pad = n - len(json.dumps(h, separators=(",", ":")))
     assert pad >= 1
     p.write_bytes((n - pad).to_bytes(8, "little") + b[8:])  # the length stops at the header's end, in its padding
-    with pytest.raises(M.CheckpointError, match=rf"{pad} bytes of the data section after the last tensor 'b'"):
-        list(M.read_safetensors(p))
+    with pytest.raises(C.CheckpointError, match=rf"{pad} bytes of the data section after the last tensor 'b'"):
+        list(C.read_safetensors(p))
     raw = json.dumps(h).encode()
     for bad, what in ((b'{"a": {"dtype": "F32"}, ' + raw[1:], "duplicate key 'a'"),
                       (b'{"\\ud800": 1}', "surrogate"), (b'{"x": [' * 3000 + b']}' * 3000, "recursion"),
                       (b'{"a": {"shape": [NaN]}}', "NaN is not JSON"), ("{\"é\": 1}".encode("latin-1"), "utf-8")):
         p.write_bytes(with_header(bad, data))
-        with pytest.raises(M.CheckpointError, match=rf"{p}: header is not valid JSON \(.*{what}"):
-            list(M.read_safetensors(p))
-    with pytest.raises(M.CheckpointError, match=rf"{tmp_path / 'none.safetensors'}: cannot read the file"):
-        list(M.read_safetensors(tmp_path / "none.safetensors"))
+        with pytest.raises(C.CheckpointError, match=rf"{p}: header is not valid JSON \(.*{what}"):
+            list(C.read_safetensors(p))
+    with pytest.raises(C.CheckpointError, match=rf"{tmp_path / 'none.safetensors'}: cannot read the file"):
+        list(C.read_safetensors(tmp_path / "none.safetensors"))
 
 # ----------------------------------------------------------------------------- configs, indexes, torch files
 
@@ -205,8 +206,8 @@ def tiny_dir(path, **kw):
                                  norm_eps=1e-5), **kw})
     model = M.Transformer(args)
     path.mkdir(parents=True, exist_ok=True)
-    M.save_safetensors(path / "model.safetensors", model.state_dict())
-    (path / "config.json").write_text(json.dumps(Q.hf_config(args, torch.float32)))
+    C.save_safetensors(path / "model.safetensors", model.state_dict())
+    (path / "config.json").write_text(json.dumps(C.hf_config(args, torch.float32)))
     (path / "tokenizer.model").write_bytes(SAMPLE_TOK.read_bytes())
     return model
 
@@ -233,21 +234,21 @@ def set_config(path, **changes):
 def test_bad_config_json(tmp_path, changes, message):
     tiny_dir(tmp_path)
     set_config(tmp_path, **changes)
-    with pytest.raises(M.CheckpointError, match=re.escape(str(tmp_path / "config.json")) + ": " + message):
-        M.load_model(tmp_path)
+    with pytest.raises(C.CheckpointError, match=re.escape(str(tmp_path / "config.json")) + ": " + message):
+        C.load_model(tmp_path)
 
 
 def test_config_not_an_object_and_not_json(tmp_path):
     tiny_dir(tmp_path)
     for text, message in (("[1, 2]", "a JSON list, not an object"), ("{'hidden_size': 32}", "file is not valid JSON")):
         (tmp_path / "config.json").write_text(text)
-        with pytest.raises(M.CheckpointError, match=rf"{tmp_path / 'config.json'}: {message}"):
-            M.load_model(tmp_path)
+        with pytest.raises(C.CheckpointError, match=rf"{tmp_path / 'config.json'}: {message}"):
+            C.load_model(tmp_path)
     (tmp_path / "config.json").unlink()
     (tmp_path / "params.json").write_text(json.dumps(dict(dim=32, n_layers="1", n_heads=2)))
     torch.save({"tok_embeddings.weight": torch.zeros(360, 32)}, tmp_path / "consolidated.00.pth")
-    with pytest.raises(M.CheckpointError, match=rf"{tmp_path / 'params.json'}: n_layers must be a positive int"):
-        M.load_model(tmp_path)
+    with pytest.raises(C.CheckpointError, match=rf"{tmp_path / 'params.json'}: n_layers must be a positive int"):
+        C.load_model(tmp_path)
 
 
 def test_bad_index_and_torch_files(tmp_path):
@@ -258,18 +259,18 @@ def test_bad_index_and_torch_files(tmp_path):
                                                                              "file in"),
                              ({"weight_map": {"a": "model-2.safetensors"}}, "shard 'model-2.safetensors' is not")):
         index.write_text(json.dumps(content))
-        with pytest.raises(M.CheckpointError, match=re.escape(f"{index}: {message}")):
-            M.load_model(tmp_path)
+        with pytest.raises(C.CheckpointError, match=re.escape(f"{index}: {message}")):
+            C.load_model(tmp_path)
     index.unlink()
     (tmp_path / "model.safetensors").rename(tmp_path / "x")
     bin_ = tmp_path / "pytorch_model.bin"
     torch.save(model.state_dict(), bin_)
     bin_.write_bytes(bin_.read_bytes()[:-200])  # a cut zip
-    with pytest.raises(M.CheckpointError, match=rf"{bin_}: not a weights-only torch file"):
-        M.load_model(tmp_path)
+    with pytest.raises(C.CheckpointError, match=rf"{bin_}: not a weights-only torch file"):
+        C.load_model(tmp_path)
     torch.save({"weights": model.state_dict(), "step": [1]}, bin_)  # loadable, but not a state dict of tensors
-    with pytest.raises(M.CheckpointError, match=rf"{bin_}: holds a dict, not a state dict"):
-        M.load_model(tmp_path)
+    with pytest.raises(C.CheckpointError, match=rf"{bin_}: holds a dict, not a state dict"):
+        C.load_model(tmp_path)
 
 # ----------------------------------------------------------------------------- bitsandbytes 4-bit checkpoints
 
@@ -280,7 +281,7 @@ def bnb_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bnb")
     model = Q.add_lora(M.Transformer(M.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=40, hidden_dim=48,
                                                  max_seq_len=32)), r=2, alpha=4, dropout=0.0)
-    Q.save_quantized(model, d)
+    C.save_quantized(model, d)
     return d
 
 
@@ -292,11 +293,11 @@ def corrupt_bnb(src, dst, fn):
     """Copy a bitsandbytes folder with fn(tensors, quant state dict) applied to q_proj's parts."""
     dst.mkdir()
     (dst / "config.json").write_text((src / "config.json").read_text())
-    t = {k: v.clone() for k, v in M.read_safetensors(src / "model.safetensors")}
+    t = {k: v.clone() for k, v in C.read_safetensors(src / "model.safetensors")}
     s = json.loads(bytes(t[STATE].tolist()))
     if fn(t, s) is None:  # else fn has written the quant state's bytes itself
         t[STATE] = torch.tensor(list(json.dumps(s).encode()), dtype=torch.uint8)
-    M.save_safetensors(dst / "model.safetensors", t)
+    C.save_safetensors(dst / "model.safetensors", t)
     return dst
 
 
@@ -323,39 +324,42 @@ BNB_CASES = {
 def test_bad_bnb_quant_state(bnb_dir, tmp_path, case):
     fn, message = BNB_CASES[case]
     d = corrupt_bnb(bnb_dir, tmp_path / "bad", fn)
-    with pytest.raises(M.CheckpointError, match=rf"{d / 'model.safetensors'}: .*{message}"):
-        Q.load_quantized(d)
+    with pytest.raises(C.CheckpointError, match=rf"{d / 'model.safetensors'}: .*{message}"):
+        C.load_quantized(d)
 
 
 def test_bnb_config_and_python_O(bnb_dir, tmp_path):
-    Q.load_quantized(bnb_dir)  # the intact folder loads
+    C.load_quantized(bnb_dir)  # the intact folder loads
     d = corrupt_bnb(bnb_dir, tmp_path / "qc", lambda t, s: None)
     c = json.loads((d / "config.json").read_text())
     c["quantization_config"]["bnb_4bit_quant_type"] = "nf5"
     (d / "config.json").write_text(json.dumps(c))
-    with pytest.raises(M.CheckpointError, match=rf"{d / 'config.json'}: quantization_config has bnb_4bit_quant_type"):
-        Q.load_quantized(d)
+    with pytest.raises(C.CheckpointError, match=rf"{d / 'config.json'}: quantization_config has bnb_4bit_quant_type"):
+        C.load_quantized(d)
     # python -O strips asserts: the checks are raised errors, so a wrong-shaped tensor is refused the same way
-    mO, qO = stripped_modules()
+    kO, _, _, cO = stripped_modules()
     with pytest.raises(AssertionError):  # the stripping is real: the normal module asserts, the stripped one not
-        Q.Quantized4bit(torch.zeros(3, 1, dtype=torch.uint8), torch.zeros(1), Q.CODES["nf4"], (32, 32), torch.float32)
-    qO.Quantized4bit(torch.zeros(3, 1, dtype=torch.uint8), torch.zeros(1), Q.CODES["nf4"], (32, 32), torch.float32)
+        Q.QuantState(torch.zeros(3, 1, dtype=torch.uint8), torch.zeros(1), Q.CODES["nf4"], (32, 32), torch.float32)
+    kO.QuantState(torch.zeros(3, 1, dtype=torch.uint8), torch.zeros(1), Q.CODES["nf4"], (32, 32), torch.float32)
     for case in ("absmax shape", "absmax dtype", "packed", "shape"):
         d = corrupt_bnb(bnb_dir, tmp_path / case.replace(" ", "_"), BNB_CASES[case][0])
-        with pytest.raises(mO.CheckpointError, match=rf"{d / 'model.safetensors'}: .*{BNB_CASES[case][1]}"):
-            qO.load_quantized(d)
+        with pytest.raises(cO.CheckpointError, match=rf"{d / 'model.safetensors'}: .*{BNB_CASES[case][1]}"):
+            cO.load_quantized(d)
 
 
 def stripped_modules():
-    """model.py and qlora.py compiled as `python -O` compiles them (asserts removed), as new module objects; the
-    imported ones stay. In this process, so no interpreter start (nor torch's compile for -O) is paid."""
+    """kernels.py, model.py, qlora.py and checkpoint.py compiled as `python -O` compiles them (asserts removed), as
+    new module objects; the imported ones stay. In this process, so no interpreter start (nor torch's compile for -O)
+    is paid."""
     import types
-    saved, mods = {k: sys.modules[k] for k in ("model", "qlora")}, []
+    import checkpoint  # noqa: F401 (imported, so that it can be restored)
+    names = ("kernels", "model", "qlora", "checkpoint")
+    saved, mods = {k: sys.modules[k] for k in names}, []
     try:
-        for name in ("model", "qlora"):
+        for name in names:
             m = types.ModuleType(name)
             m.__file__ = str(ROOT / f"{name}.py")
-            sys.modules[name] = m  # qlora's `from model import ...` takes the stripped model
+            sys.modules[name] = m  # each later one's imports take the stripped ones
             exec(compile((ROOT / f"{name}.py").read_text(), m.__file__, "exec", optimize=1), m.__dict__)
             mods.append(m)
     finally:
@@ -370,11 +374,11 @@ def adapter_dirs(tmp_path_factory):
     """A tiny base (16-bit, quantized on load) and a trained-looking adapter on q_proj and v_proj."""
     d = tmp_path_factory.mktemp("adapter")
     tiny_dir(d / "base")
-    model = Q.load_quantized(d / "base", r=4, alpha=8, dropout=0.0, targets="q_proj,v_proj")
+    model = C.load_quantized(d / "base", r=4, alpha=8, dropout=0.0, targets="q_proj,v_proj")
     for m in Q.linears_4bit(model).values():
         if m.r:
             torch.nn.init.normal_(m.lora_B.weight, std=0.1)
-    Q.save_adapter(model, d / "adapter")
+    C.save_adapter(model, d / "adapter")
     return d / "base", d / "adapter"
 
 
@@ -397,33 +401,33 @@ def edited_adapter(src, dst, **changes):
 def test_bad_adapter_config(adapter_dirs, tmp_path, changes, message):
     base, adapter = adapter_dirs
     bad = edited_adapter(adapter, tmp_path / "a", **changes)
-    with pytest.raises(M.CheckpointError, match=re.escape(str(bad / "adapter_config.json")) + ": .*" + message):
-        Q.load_adapter(Q.load_quantized(base, r=0), bad)
+    with pytest.raises(C.CheckpointError, match=re.escape(str(bad / "adapter_config.json")) + ": .*" + message):
+        C.load_adapter(C.load_quantized(base, r=0), bad)
 
 
 def test_adapter_bad_json_wrong_shape_and_target_string(adapter_dirs, tmp_path):
     base, adapter = adapter_dirs
-    model = Q.load_quantized(base, r=0)
+    model = C.load_quantized(base, r=0)
     bad = edited_adapter(adapter, tmp_path / "json")
     (bad / "adapter_config.json").write_text('{"r": 4,')
-    with pytest.raises(M.CheckpointError, match=rf"{bad / 'adapter_config.json'}: file is not valid JSON"):
-        Q.load_adapter(model, bad)
+    with pytest.raises(C.CheckpointError, match=rf"{bad / 'adapter_config.json'}: file is not valid JSON"):
+        C.load_adapter(model, bad)
     bad = edited_adapter(adapter, tmp_path / "r8", r=8)  # the file's tensors are r=4
-    with pytest.raises(M.CheckpointError, match=rf"{bad / 'adapter_model.safetensors'}: .* is float32 \[4, 32\], "
+    with pytest.raises(C.CheckpointError, match=rf"{bad / 'adapter_model.safetensors'}: .* is float32 \[4, 32\], "
                                                 r"the model expects a float \[8, 32\]"):
-        Q.load_adapter(model, bad)
-    with pytest.raises(M.CheckpointError, match=rf"{tmp_path}: no adapter_config.json"):
-        Q.load_adapter(model, tmp_path)
+        C.load_adapter(model, bad)
+    with pytest.raises(C.CheckpointError, match=rf"{tmp_path}: no adapter_config.json"):
+        C.load_adapter(model, tmp_path)
     # target_modules as ONE string is valid PEFT: a regex over the full module name, never split into characters
     rx = edited_adapter(adapter, tmp_path / "rx", target_modules=r".*\.(q_proj|v_proj)")
     idx = torch.randint(0, 360, (1, 8))
     with torch.no_grad():
-        ref = Q.load_adapter(Q.load_quantized(base, r=0), adapter).eval()(idx)
-        got = Q.load_adapter(Q.load_quantized(base, r=0), rx).eval()(idx)
+        ref = C.load_adapter(C.load_quantized(base, r=0), adapter).eval()(idx)
+        got = C.load_adapter(C.load_quantized(base, r=0), rx).eval()(idx)
     assert torch.equal(got, ref)
     one = edited_adapter(adapter, tmp_path / "one", target_modules="q_proj")  # PEFT's rule: matches no full name
-    with pytest.raises(M.CheckpointError, match=r"matches no adapted 4-bit module .*target_modules 'q_proj'"):
-        Q.load_adapter(Q.load_quantized(base, r=0), one)
+    with pytest.raises(C.CheckpointError, match=r"matches no adapted 4-bit module .*target_modules 'q_proj'"):
+        C.load_adapter(C.load_quantized(base, r=0), one)
     out = run_sample(["--init_from", str(base), "--adapter", str(rx), "--raw", "--prompt=Reverse",
                       "--max_new_tokens=3"])
     assert out[0] == 0 and out[1].startswith("Reverse")
@@ -457,7 +461,7 @@ def small_ctx(tmp_path_factory):
     (["--top_p=1.5"], r"--top_p must be in \(0, 1\]"), (["--top_p=nan"], r"--top_p must be in \(0, 1\]"),
     (["--max_new_tokens=-5"], "--max_new_tokens must be at least 1, not -5"),
     (["--max_new_tokens=0"], "--max_new_tokens must be at least 1"),
-    (["--temperature=hot"], "argument --temperature: invalid float value: 'hot'"),
+    (["--temperature=hot"], "--temperature takes a float, not 'hot'"),
     (["--device=tpu:0"], "--device=tpu:0: not"),
     (["--adapter=/nonexistent/adapter"], "--adapter=/nonexistent/adapter: no such directory"),
     (["--prompt=" + "What is 12+34? " * 3], r"--prompt is \d+ tokens, and the model's context \(max_seq_len\) is 12"),

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint as C
 import eval as E
 import model as M
 import qlora as Q
-import sample
 from conftest import ROOT, asset, peer
 
 # Fields with commas, quotes and newlines, as real MMLU rows have them.
@@ -93,9 +93,9 @@ def test_prompt_byte_for_byte():
 
 
 def test_answer_pieces():
-    llama = M.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
+    llama = C.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
     assert E.answer_pieces(llama) == [(319,), (350,), (315,), (360,)]  # ▁A ▁B ▁C ▁D
-    tiny = M.Tokenizer(asset("stories260K", "tokenizer.model"))
+    tiny = C.Tokenizer(asset("stories260K", "tokenizer.model"))
     pieces = E.answer_pieces(tiny)
     assert [tiny.sp.id_to_piece(list(p)) for p in pieces] == [["▁", "A"], ["▁B"], ["▁", "C"], ["▁", "D"]]
 
@@ -136,8 +136,8 @@ def hf_reference(hf, sp, data, shots, ctx):
 def test_mmlu_matches_transformers_batched_and_one_by_one(tmp_path, stories):
     path, hf = stories
     data = E.load_mmlu(write_mmlu(tmp_path))
-    tok = M.Tokenizer(path / "tokenizer.model")
-    model = M.load_model(path).eval()
+    tok = C.Tokenizer(path / "tokenizer.model")
+    model = C.load_model(path).eval()
     ref = hf_reference(hf, tok.sp, data, 5, model.args.max_seq_len)
     assert {r["k"] for r in ref} >= {5} and min(r["k"] for r in ref) < 5  # the long question drops examples
     for batch_size in (1, 4):
@@ -156,7 +156,7 @@ def test_mmlu_matches_transformers_batched_and_one_by_one(tmp_path, stories):
 def test_single_piece_letters_predict_the_argmax_of_the_next_token_logits(tmp_path):
     """With LLaMA's tokenizer each letter is one token: the prediction is the argmax of the plain (no cache)
     next-token logits at ▁A ▁B ▁C ▁D, and the four logits are those."""
-    tok = M.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
+    tok = C.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
     torch.manual_seed(3)
     model = M.Transformer(M.ModelArgs(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=32000,
                                       max_seq_len=1024)).eval()
@@ -178,23 +178,23 @@ def test_4bit_base_and_adapter_predict_as_the_merged_model(tmp_path):
     path = asset("stories260K")
     tok_file = path / "tokenizer.model"
     torch.manual_seed(0)
-    m = Q.load_quantized(path, r=8, alpha=16, dropout=0.0)
+    m = C.load_quantized(path, r=8, alpha=16, dropout=0.0)
     with torch.no_grad():  # a trained-looking adapter: B != 0, so the adapter changes the answers' scores
         for lin in Q.linears_4bit(m).values():
             lin.lora_B.weight.normal_(0, 0.2)
-    Q.save_quantized(m, tmp_path / "base", tokenizer=tok_file)
-    Q.save_adapter(m, tmp_path / "adapter")
-    diff = Q.merge(m, tmp_path / "merged")
+    C.save_quantized(m, tmp_path / "base", tokenizer=tok_file)
+    C.save_adapter(m, tmp_path / "adapter")
+    diff = C.merge(m, tmp_path / "merged")
     shutil.copy(tok_file, tmp_path / "merged" / "tokenizer.model")
-    tok = M.Tokenizer(tok_file)
+    tok = C.Tokenizer(tok_file)
     data = E.load_mmlu(write_mmlu(tmp_path / "mmlu"))
-    q4 = sample.load(tmp_path / "base", tmp_path / "adapter").eval()  # as eval.py loads it
+    q4 = C.load_for_inference(tmp_path / "base", tmp_path / "adapter").eval()  # as eval.py loads it
     assert all(lin.weight.dtype == torch.uint8 for lin in Q.linears_4bit(q4).values())  # 4-bit, no dense copy
-    merged = sample.load(tmp_path / "merged").eval()
+    merged = C.load_for_inference(tmp_path / "merged").eval()
     assert not Q.linears_4bit(merged)
     a = E.mmlu(q4, tok, data, 5, 4, progress=False)
     b = E.mmlu(merged, tok, data, 5, 4, progress=False)
-    base = E.mmlu(M.load_model(path).eval(), tok, data, 5, 4, progress=False)
+    base = E.mmlu(C.load_model(path).eval(), tok, data, 5, 4, progress=False)
     assert max(abs(x - y) for r, s in zip(a, base) for x, y in zip(r["scores"], s["scores"])) > 1e-2  # it matters
     # a logit moved by d moves a log-probability by <= 2d; a two-piece letter's score by <= 4d; a gap by <= 8d
     compared = 0
@@ -304,7 +304,7 @@ def test_bad_input_names_file_and_line(tmp_path, what, files, subjects, where, m
 
 
 def test_question_too_long_for_the_context(tmp_path):
-    tok = M.Tokenizer(asset("stories260K", "tokenizer.model"))
+    tok = C.Tokenizer(asset("stories260K", "tokenizer.model"))
     model = M.Transformer(M.ModelArgs(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=512,
                                       max_seq_len=128)).eval()
     root = write_mmlu(tmp_path, {"s": [["short?", "a", "b", "c", "d", "A"], ["long " * 60, "a", "b", "c", "d", "B"]]})

@@ -17,6 +17,8 @@ import torch
 
 from conftest import HANG_GUARD, ROOT, peer, run_ranks
 
+import checkpoint as C
+import memory
 import model as M
 import qlora as Q
 
@@ -56,7 +58,7 @@ def losses(out_dir):
 
 
 def adapter(out_dir):
-    return dict(M.read_safetensors(out_dir / "adapter" / "adapter_model.safetensors"))
+    return dict(C.read_safetensors(out_dir / "adapter" / "adapter_model.safetensors"))
 
 
 def write_base(d):
@@ -64,10 +66,10 @@ def write_base(d):
     in and quantizes it tensor by tensor (one process whole, FSDP ranks each into their own rows)."""
     tok = ROOT / "data" / "sample" / "tokenizer.model"
     torch.manual_seed(0)
-    dense = M.Transformer(M.get_args("tiny", vocab_size=M.Tokenizer(tok).vocab_size))
+    dense = M.Transformer(M.get_args("tiny", vocab_size=C.Tokenizer(tok).vocab_size))
     d.mkdir()
-    M.save_safetensors(d / "model.safetensors", dense.state_dict())
-    (d / "config.json").write_text(json.dumps(Q.hf_config(dense.args, torch.float32)))
+    C.save_safetensors(d / "model.safetensors", dense.state_dict())
+    (d / "config.json").write_text(json.dumps(C.hf_config(dense.args, torch.float32)))
     shutil.copy(tok, d / "tokenizer.model")
     return d
 
@@ -117,7 +119,7 @@ def tiny_lora(d):
     """The runs' model, from their base: the tiny preset with the sample data's vocabulary (360 ids), quantized as
     train.py does (nf4, double quant), LoRA r=32 on every linear."""
     torch.manual_seed(0)
-    return Q.add_lora(M.Transformer(M.load_args(d / "base")), r=32)
+    return Q.add_lora(M.Transformer(C.load_args(d / "base")), r=32)
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -131,7 +133,7 @@ def check_shares(d, out, n):
     per_rank = [int(x) for x in line[2].split(",")]
     assert int(line[1]) == len(per_rank) == n
     model = tiny_lora(d)  # the one-process total, from the same base
-    a = Q.memory_account(model)
+    a = memory.memory_account(model)
     total = a["quantized_bytes"] + a["constant_bytes"]
     assert sum(per_rank) == total  # the shards hold every byte once
     # FSDP2 splits dim 0 of each tensor in chunks of ceil(rows / n) (the last rank's is shorter): each rank is off

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-import model as M
-import qlora as Q
+import checkpoint as C
+import data.batching as B
+import resume as R
 import train as T
 from conftest import ROOT, asset
 
@@ -82,7 +83,7 @@ def test_divergence_names_a_checkpoint_that_trains(tmp_path, capsys):
     its advice must train to the end."""
     out = tmp_path / "run"
     train("--max_steps=2", "--ckpt_interval=1", f"--out_dir={out}")
-    with pytest.raises(T.TrainingError) as e:
+    with pytest.raises(R.TrainingError) as e:
         train("--max_steps=6", "--ckpt_interval=1", "--lr=1e30", "--resume", f"--out_dir={out}")
     msg = str(e.value)
     assert "non-finite" in msg and "at step 4" in msg, msg
@@ -99,7 +100,7 @@ def test_divergence_names_a_checkpoint_that_trains(tmp_path, capsys):
 
 
 def test_divergence_with_no_checkpoint_before_it_says_start_over(tmp_path):
-    with pytest.raises(T.TrainingError, match="start over with --overwrite"):
+    with pytest.raises(R.TrainingError, match="start over with --overwrite"):
         train("--max_steps=4", "--ckpt_interval=1", "--lr=1e30", f"--out_dir={tmp_path}")
 
 
@@ -137,7 +138,7 @@ def test_a_prepared_folder_whose_meta_is_not_json(tmp_path):
     tok = ROOT / "data" / "sample" / "tokenizer.model"
     T.get_data(cfg, tok, torch.device("cpu"))
     folder = tmp_path / "prepared"
-    shutil.copytree(T.prepared_dir("sample", tok, "assistant"), folder)
+    shutil.copytree(B.prepared_dir("sample", tok, "assistant"), folder)
     (folder / "meta.json").write_text("{oops")
     one_line_error(*cli(f"--data={folder}", f"--out_dir={tmp_path / 'out'}"), str(folder / "meta.json"))
 
@@ -163,13 +164,13 @@ def test_mistral_sliding_window_shorter_than_the_context_is_refused(tmp_path):
     one_line_error(rc, err, str(base / "config.json"), "sliding_window 16")
     # Qwen's configs carry a window that use_sliding_window turns off: the same attention as ours
     (base / "config.json").write_text(json.dumps(dict(config, sliding_window=16, use_sliding_window=False)))
-    assert M.load_args(base).max_seq_len == config["max_position_embeddings"]
+    assert C.load_args(base).max_seq_len == config["max_position_embeddings"]
     (base / "config.json").write_text(json.dumps(dict(config, sliding_window=config["max_position_embeddings"])))
-    M.load_args(base)  # a window as long as the context changes nothing
+    C.load_args(base)  # a window as long as the context changes nothing
 
 
 def test_rows_longer_than_the_base_context_are_refused(tmp_path):
-    context = M.load_args(BASE).max_seq_len
+    context = C.load_args(BASE).max_seq_len
     rc, err = cli("--packing=true", f"--max_seq_len={4 * context}", f"--out_dir={tmp_path}")
     one_line_error(rc, err, f"--max_seq_len={4 * context} is longer than the base's context of {context}")
 
@@ -181,7 +182,7 @@ def test_bad_seed_and_preset_are_one_line(flag, tmp_path):
 
 def test_a_full_disk_is_named_not_torch_s_unexpected_pos():
     with pytest.raises(OSError) as e:
-        T.fsync_save({"x": torch.zeros(1 << 20)}, "/dev/full")
+        R.fsync_save({"x": torch.zeros(1 << 20)}, "/dev/full")
     assert e.value.filename == "/dev/full" and e.value.strerror, e.value  # main() prints "error: FILE: what"
 
 
@@ -197,8 +198,8 @@ def test_a_random_base_is_saved_for_every_quant_type(quant, tmp_path, capsys):
     logged = float([l for l in (said.out + said.err).splitlines() if "step 2: val loss" in l][-1].split()[-1])
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(out / "base")
-    model = Q.load_quantized(out / "base", quant_type="none")
-    Q.load_adapter(model, out / "adapter")
+    model = C.load_quantized(out / "base", quant_type="none")
+    C.load_adapter(model, out / "adapter")
     cfg = T.parse_config(flags)
     _, val = T.get_data(cfg, out / "base" / "tokenizer.model", torch.device("cpu"))
     batches = [T.collate([val[i] for i in range(s, min(s + cfg.batch_size, len(val)))], val.pad_id, cfg.max_seq_len)

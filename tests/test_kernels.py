@@ -2,6 +2,7 @@
 # (TRITON_INTERPRET=1), on a GPU machine compiled, on CUDA tensors. Bit-exact for quantize and dequantize, within a
 # stated fp32-accumulation tolerance for the fused matmul. Odd sizes, tails that are not a multiple of the block, NF4
 # and FP4, bf16/fp16/fp32, with and without double quantization. Parity with bitsandbytes where it is installed.
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -58,9 +59,14 @@ def _load_kernels(name, modules):
             sys.modules.pop(k) if v is ... else sys.modules.__setitem__(k, v)
 
 
-def _on(*tensors):
-    """Move the tensors (None passes through) to the device the Triton kernels run on."""
-    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+def _on(*args):
+    """Move the tensors and QuantStates' tensors (anything else passes through) to the device the
+    Triton kernels run on."""
+    def move(a):
+        if isinstance(a, K.QuantState):
+            return dataclasses.replace(a, **{f.name: move(getattr(a, f.name)) for f in dataclasses.fields(a)})
+        return a.to(DEVICE) if isinstance(a, torch.Tensor) else a
+    return [move(a) for a in args]
 
 
 NF4 = torch.tensor([
@@ -108,6 +114,12 @@ def _double_quantize(absmax, nested_blocksize=256):
     return q, nested, dyn, offset.item()
 
 
+def _state(packed, absmax, code, blocksize, shape, dtype=torch.float32, dq=False, quant_type="nf4"):
+    """A K.QuantState of packed bytes and fp32 absmax; dq=True double-quantizes the absmax first."""
+    q, nested, dyn, offset = _double_quantize(absmax) if dq else (absmax, None, None, 0.0)
+    return K.QuantState(packed, q, code, shape, dtype, blocksize, quant_type, nested, dyn, offset)
+
+
 def _random_input(numel, blocksize, dtype):
     """Normal values with outliers, the first block all zero when there are two or more blocks."""
     x = torch.randn(numel) * torch.rand(numel).pow(4).mul(8).add(0.1)
@@ -149,10 +161,9 @@ def test_dequantize_bit_exact(table, blocksize, numel, dq):
     packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8)  # every code; an odd tail's pad nibble
     absmax = torch.rand(nblocks) * 4  # is garbage the kernel must ignore
     absmax[0] = 0.0  # an all-zero block
-    state = _double_quantize(absmax) if dq else (absmax, None, None, 0.0)
+    q = _state(packed, absmax, code, blocksize, (numel,), dq=dq, quant_type=table)
     for dtype in DTYPES:
-        args = (packed, state[0], code, blocksize, numel, dtype, *state[1:])
-        _assert_bits_equal(_triton(K.dequantize_4bit_triton, *args), K.dequantize_4bit_ref(*args), f"{dtype}")
+        _assert_bits_equal(_triton(K.dequantize_4bit_triton, q, dtype), K.dequantize_4bit_ref(q, dtype), f"{dtype}")
 
 
 @runs_kernels
@@ -160,11 +171,10 @@ def test_dequantize_two_nested_blocks():
     # 257 blocks of 32: the double-quantized absmax spans two nested blocks of 256 (i // 256 is exercised)
     numel, blocksize = 257 * 32 - 5, 32
     packed, absmax = K.quantize_4bit_ref(_random_input(numel, blocksize, torch.float32), NF4, blocksize)
-    q, nested, dyn, offset = _double_quantize(absmax)
-    assert nested.numel() == 2
+    q = _state(packed, absmax, NF4, blocksize, (numel,), dq=True)
+    assert q.nested_absmax.numel() == 2
     for dtype in DTYPES:
-        args = (packed, q, NF4, blocksize, numel, dtype, nested, dyn, offset)
-        _assert_bits_equal(_triton(K.dequantize_4bit_triton, *args), K.dequantize_4bit_ref(*args), f"{dtype}")
+        _assert_bits_equal(_triton(K.dequantize_4bit_triton, q, dtype), K.dequantize_4bit_ref(q, dtype), f"{dtype}")
 
 
 # -----------------------------------------------------------------------------
@@ -204,7 +214,7 @@ def test_quantize_known_bytes():
     # an all-zero block: absmax 0 and every code 7 (0x77, bitsandbytes' CPU convention); it decodes to zeros
     packed, absmax = _triton(K.quantize_4bit_triton, torch.zeros(64, dtype=torch.bfloat16), NF4, 64)
     assert (packed == 0x77).all() and absmax.tolist() == [0.0]
-    assert (_triton(K.dequantize_4bit_triton, packed, absmax, NF4, 64, 64, torch.bfloat16) == 0).all()
+    assert (_triton(K.dequantize_4bit_triton, _state(packed, absmax, NF4, 64, (64,), torch.bfloat16)) == 0).all()
 
 
 # -----------------------------------------------------------------------------
@@ -226,11 +236,10 @@ MM_SHAPES = ([(3, 40, 96, 64), (1, 17, 32, 32), (20, 64, 160, 128)] if ON_GPU el
 def _check_matmul(dtype, dq, transpose, M, N, K_, blocksize):
     """The fused matmul on DEVICE against the reference, x with a leading batch dim: [B, T, .]."""
     packed, absmax = K.quantize_4bit_ref(torch.randn(N, K_), NF4, blocksize)
-    state = _double_quantize(absmax) if dq else (absmax, None, None, 0.0)
+    q = _state(packed, absmax, NF4, blocksize, (N, K_), dq=dq)
     x = torch.randn(2, (M + 1) // 2, N if transpose else K_, dtype=dtype)  # a leading batch dim: [B, T, .]
-    args = (x, packed, state[0], NF4, blocksize, (N, K_), *state[1:])
-    y_tri = _triton(K.matmul_4bit_triton, *args, transpose=transpose)
-    y_ref = K.matmul_4bit_ref(*args, transpose=transpose)
+    y_tri = _triton(K.matmul_4bit_triton, x, q, transpose=transpose)
+    y_ref = K.matmul_4bit_ref(x, q, transpose=transpose)
     assert y_tri.shape == y_ref.shape == (*x.shape[:-1], K_ if transpose else N) and y_tri.dtype == dtype
     scale = y_ref.float().abs().max().item()
     torch.testing.assert_close(y_tri, y_ref, rtol=TOL[dtype], atol=TOL[dtype] * scale)
@@ -315,12 +324,12 @@ def test_every_launch_runs_on_the_tensors_device(monkeypatch, deterministic):
         packed, absmax = torch.empty(N * K_ // 2, dtype=torch.uint8, device=dev), torch.empty(N * K_ // 64, device=dev)
         code = torch.empty(16, device=dev)
         K.quantize_4bit(torch.empty(N, K_, dtype=torch.bfloat16, device=dev), code, 64)
-        K.dequantize_4bit(packed, absmax, code, 64, N * K_, torch.bfloat16)
-        state = (packed, absmax, code, 64, (N, K_))
-        K.matmul_4bit(torch.empty(2, K_, dtype=torch.bfloat16, device=dev), *state)  # fused (<= FUSED_MAX_TOKENS)
-        K.matmul_4bit(torch.empty(2, N, dtype=torch.bfloat16, device=dev), *state, transpose=True)
-        K.matmul_4bit(torch.empty(2, K_, dtype=torch.float32, device=dev), *state)  # fp32: dequantize + matmul
-        K.matmul_4bit(torch.empty(512, K_, dtype=torch.bfloat16, device=dev), *state)  # many tokens: the same
+        q = K.QuantState(packed, absmax, code, (N, K_), torch.bfloat16, 64)
+        K.dequantize_4bit(q)  # in q.dtype, bf16
+        K.matmul_4bit(torch.empty(2, K_, dtype=torch.bfloat16, device=dev), q)  # fused (<= FUSED_MAX_TOKENS)
+        K.matmul_4bit(torch.empty(2, N, dtype=torch.bfloat16, device=dev), q, transpose=True)
+        K.matmul_4bit(torch.empty(2, K_, dtype=torch.float32, device=dev), q)  # fp32: dequantize + matmul
+        K.matmul_4bit(torch.empty(512, K_, dtype=torch.bfloat16, device=dev), q)  # many tokens: the same
     names = [n for n, _, _ in launches]
     fused = "_dequantize_4bit_kernel" if deterministic else "_matmul_4bit_tuned"
     assert names == ["_quantize_4bit_kernel", "_dequantize_4bit_kernel", fused, fused,
@@ -337,11 +346,12 @@ def test_dispatch_uses_the_reference_on_cpu():
     x = torch.randn(5, 96)
     packed, absmax = K.quantize_4bit(x, NF4, 64)
     assert torch.equal(packed, K.quantize_4bit_ref(x, NF4, 64)[0])
-    w = K.dequantize_4bit(packed, absmax, NF4, 64, x.numel(), torch.float32)
-    assert torch.equal(w, K.dequantize_4bit_ref(packed, absmax, NF4, 64, x.numel(), torch.float32))
+    q = K.QuantState(packed, absmax, NF4, x.shape, torch.float32, 64)
+    w = K.dequantize_4bit(q)
+    assert torch.equal(w, K.dequantize_4bit_ref(q, torch.float32)) and w.shape == x.shape
     x2 = torch.randn(2, 96)
-    y = K.matmul_4bit(x2, packed, absmax, NF4, 64, (5, 96))
-    assert torch.equal(y, K.matmul_4bit_ref(x2, packed, absmax, NF4, 64, (5, 96))) and y.shape == (2, 5)
+    y = K.matmul_4bit(x2, q)
+    assert torch.equal(y, K.matmul_4bit_ref(x2, q)) and y.shape == (2, 5)
 
 
 def test_imports_without_triton():
@@ -351,7 +361,7 @@ def test_imports_without_triton():
     x = torch.randn(100)
     assert torch.equal(k.quantize_4bit(x, NF4, 64)[0], k.quantize_4bit_ref(x, NF4, 64)[0])
     with pytest.raises(RuntimeError, match="triton"):
-        k.dequantize_4bit(types.SimpleNamespace(is_cuda=True), None, NF4, 64, 100, torch.float32)
+        k.dequantize_4bit(types.SimpleNamespace(packed=types.SimpleNamespace(is_cuda=True)), torch.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -371,8 +381,8 @@ def test_bitsandbytes_parity(quant_type, dq):
     if not dq:  # (with DQ bitsandbytes' CPU path rounds nested codes by an approximate lookup: compare decoded W)
         assert torch.equal(a_tri, st.absmax)
     nested = (st.state2.absmax, st.state2.code, float(st.offset), st.state2.blocksize) if dq else ()
-    w = _triton(K.dequantize_4bit_triton, packed, st.absmax, st.code, 64, x.numel(), x.dtype, *nested)
-    _assert_bits_equal(w, F.dequantize_4bit(packed, st).reshape(-1), "dequantized W")
+    q = K.QuantState(packed, st.absmax, st.code, x.shape, x.dtype, 64, quant_type, *nested)
+    _assert_bits_equal(_triton(K.dequantize_4bit_triton, q), F.dequantize_4bit(packed, st), "dequantized W")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: bitsandbytes' CUDA kernels against ours (bench/gpu.sh)")
@@ -399,9 +409,10 @@ def test_bitsandbytes_cuda_parity(quant_type, dq):
     else:
         assert torch.equal(a_tri, st.absmax)
     nested = (st.state2.absmax, st.state2.code, float(st.offset), st.state2.blocksize) if dq else ()
-    w_bnb = F.dequantize_4bit(packed, st).reshape(-1)
-    w = K.dequantize_4bit_triton(packed.reshape(-1), st.absmax, code, 64, x.numel(), x.dtype, *nested)
+    w_bnb = F.dequantize_4bit(packed, st)
+    w = K.dequantize_4bit_triton(K.QuantState(packed.reshape(-1), st.absmax, code, x.shape, x.dtype, 64,
+                                              quant_type, *nested))
     _assert_bits_equal(w.cpu(), w_bnb.cpu(), "dequantized W")
     # our bytes decode to the same values (in the zero block 0.0 * 0 = +0.0 where its -1.0 * 0 gives -0.0)
-    w = K.dequantize_4bit_triton(p_tri, st.absmax, code, 64, x.numel(), x.dtype, *nested)
+    w = K.dequantize_4bit_triton(K.QuantState(p_tri, st.absmax, code, x.shape, x.dtype, 64, quant_type, *nested))
     assert torch.equal(w, w_bnb)

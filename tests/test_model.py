@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import checkpoint as C
 import model as M
 from conftest import asset, peer
 
@@ -32,7 +33,7 @@ def _hf_llama(tmp_path, safe=True, **cfg):
 ])
 def test_logits_match_transformers(tmp_path, cfg):
     path, hf = _hf_llama(tmp_path, **cfg)
-    ours = M.load_model(path)
+    ours = C.load_model(path)
     idx = torch.randint(0, 97, (2, 23))
     with torch.no_grad():
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
@@ -57,24 +58,24 @@ def test_pytorch_bin_and_sharded_safetensors(tmp_path):
         {"weight_map": {k: f for f, keys in halves.items() for k in keys}}))
     with torch.no_grad():
         ref = hf(idx).logits
-        assert (M.load_model(tmp_path / "bin")(idx) - ref).abs().max() < 1e-4
-        assert (M.load_model(tmp_path / "binsh")(idx) - ref).abs().max() < 1e-4
+        assert (C.load_model(tmp_path / "bin")(idx) - ref).abs().max() < 1e-4
+        assert (C.load_model(tmp_path / "binsh")(idx) - ref).abs().max() < 1e-4
         hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # several model-0000x-of-0000y files
         assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-        assert (M.load_model(tmp_path / "sharded")(idx) - ref).abs().max() < 1e-4
+        assert (C.load_model(tmp_path / "sharded")(idx) - ref).abs().max() < 1e-4
 
 
 def test_stories260k_greedy_and_logits():
     path = asset("stories260K")
     ref = json.loads((path / "greedy_reference.json").read_text())
-    m = M.load_model(path)
+    m = C.load_model(path)
     idx = torch.tensor([ref["prompt_ids"]])
     with torch.no_grad():
         logits = m(idx)[0, -1]
     assert (logits - torch.tensor(ref["logits_after_bos"])).abs().max() < 1e-4
     out = m.generate(idx, ref["steps"])
     assert out[0, len(ref["prompt_ids"]):].tolist() == ref["greedy_ids"]
-    tok = M.Tokenizer(path / "tokenizer.model")
+    tok = C.Tokenizer(path / "tokenizer.model")
     assert tok.decode(ref["greedy_ids"]) == ref["greedy_text"]
 
 
@@ -96,12 +97,12 @@ def _to_meta_layout(state, args, shards):
     def unpermute(w, n):
         rows, cols = w.shape
         return w.view(n, 2, rows // n // 2, cols).transpose(1, 2).reshape(rows, cols)
-    inv = {v[0]: (k, v[1]) for k, v in M.META_NAMES.items()}
+    inv = {v[0]: (k, v[1]) for k, v in C.META_NAMES.items()}
     out = [{} for _ in range(shards)]
     for name, t in state.items():
         if name.startswith("model.layers."):
             i, rest = name.split(".")[2], ".".join(name.split(".")[3:-1])
-            meta, axis = next((f"layers.{i}.{k}.weight", a) for k, (v, a) in M.META_LAYER.items() if v == rest)
+            meta, axis = next((f"layers.{i}.{k}.weight", a) for k, (v, a) in C.META_LAYER.items() if v == rest)
         else:
             meta, axis = inv[name]
         if name.endswith("q_proj.weight"):
@@ -117,7 +118,7 @@ def _to_meta_layout(state, args, shards):
 def test_meta_layout_matches_hf_layout(tmp_path, shards):
     args = M.get_args("tiny", n_kv_heads=2, vocab_size=64, dim=64, n_layers=2, hidden_dim=None, multiple_of=32)
     ref = M.Transformer(args).eval()
-    M.save_safetensors(tmp_path / "model.safetensors", ref.state_dict())
+    C.save_safetensors(tmp_path / "model.safetensors", ref.state_dict())
     (tmp_path / "config.json").write_text(json.dumps(dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
         intermediate_size=args.hidden_dim, rms_norm_eps=args.norm_eps, max_position_embeddings=256)))
@@ -130,7 +131,7 @@ def test_meta_layout_matches_hf_layout(tmp_path, shards):
         torch.save(sd, meta_dir / f"consolidated.{s:02d}.pth")
     idx = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
-        hf_logits, meta_logits = M.load_model(tmp_path)(idx), M.load_model(meta_dir)(idx)
+        hf_logits, meta_logits = C.load_model(tmp_path)(idx), C.load_model(meta_dir)(idx)
         assert torch.equal(hf_logits, meta_logits)
         assert (hf_logits - ref(idx)).abs().max() < 1e-5
 
@@ -155,7 +156,7 @@ def tiny_ckpt(tmp_path):
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32, intermediate_size=40,
         rms_norm_eps=1e-5)))
     state = M.Transformer(args).state_dict()
-    M.save_safetensors(tmp_path / "model.safetensors", state)
+    C.save_safetensors(tmp_path / "model.safetensors", state)
     return tmp_path, state
 
 
@@ -167,11 +168,11 @@ def _corrupt(path, fn):
 def test_truncated_file(tiny_ckpt):
     path, _ = tiny_ckpt
     _corrupt(path, lambda b: b[:-100])
-    with pytest.raises(M.CheckpointError, match=r"model\.safetensors: tensor '.*' offsets .* point outside"):
-        M.load_model(path)
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: tensor '.*' offsets .* point outside"):
+        C.load_model(path)
     _corrupt(path, lambda b: b[:5])
-    with pytest.raises(M.CheckpointError, match=r"model\.safetensors: truncated"):
-        M.load_model(path)
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: truncated"):
+        C.load_model(path)
 
 
 def test_header_offsets_outside_file(tiny_ckpt):
@@ -183,38 +184,38 @@ def test_header_offsets_outside_file(tiny_ckpt):
         new = json.dumps(h).encode()
         return len(new).to_bytes(8, "little") + new + b[8 + n:]
     _corrupt(path, bump)
-    with pytest.raises(M.CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' offsets"):
-        M.load_model(path)
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' offsets"):
+        C.load_model(path)
 
 
 def test_bad_header_json(tiny_ckpt):
     path, _ = tiny_ckpt
     _corrupt(path, lambda b: b[:8] + b"{not json" + b[17:])
-    with pytest.raises(M.CheckpointError, match=r"model\.safetensors: header is not valid JSON"):
-        M.load_model(path)
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: header is not valid JSON"):
+        C.load_model(path)
 
 
 def test_wrong_shape_missing_and_unknown_key(tiny_ckpt):
     path, state = tiny_ckpt
     bad = dict(state, **{"model.norm.weight": torch.ones(31)})
-    M.save_safetensors(path / "model.safetensors", bad)
-    with pytest.raises(M.CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has shape \[31\]"):
-        M.load_model(path)
-    M.save_safetensors(path / "model.safetensors", {k: v for k, v in state.items() if "down_proj" not in k})
-    with pytest.raises(M.CheckpointError, match=r"missing key\(s\): model\.layers\.0\.mlp\.down_proj\.weight"):
-        M.load_model(path)
-    M.save_safetensors(path / "model.safetensors", dict(state, **{"model.extra.weight": torch.ones(2)}))
-    with pytest.raises(M.CheckpointError, match=r"model\.safetensors: unknown key 'model\.extra\.weight'"):
-        M.load_model(path)
+    C.save_safetensors(path / "model.safetensors", bad)
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has shape \[31\]"):
+        C.load_model(path)
+    C.save_safetensors(path / "model.safetensors", {k: v for k, v in state.items() if "down_proj" not in k})
+    with pytest.raises(C.CheckpointError, match=r"missing key\(s\): model\.layers\.0\.mlp\.down_proj\.weight"):
+        C.load_model(path)
+    C.save_safetensors(path / "model.safetensors", dict(state, **{"model.extra.weight": torch.ones(2)}))
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: unknown key 'model\.extra\.weight'"):
+        C.load_model(path)
 
 
 def test_no_checkpoint_dir(tmp_path):
-    with pytest.raises(M.CheckpointError, match="no config.json"):
-        M.load_model(tmp_path)
+    with pytest.raises(C.CheckpointError, match="no config.json"):
+        C.load_model(tmp_path)
 
 
 def test_tokenizer_roundtrip():
-    tok = M.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
+    tok = C.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
     ids = tok.encode("Hello, QLoRA!", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.vocab_size == 32000
     assert tok.decode(ids[1:-1]) == "Hello, QLoRA!"

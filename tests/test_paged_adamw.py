@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import paged_adamw
+import qlora as Q
 from conftest import peer
 from paged_adamw import ManagedBuffer, PagedAdamW, PagedAdamW8bit, managed_tensor, prefetch
 
@@ -165,7 +166,7 @@ def test_blockwise_quantization_matches_bitsandbytes(signed, numel):
     code = paged_adamw.SIGNED_MAP if signed else paged_adamw.UNSIGNED_MAP
     x = state_values(numel, signed) if numel > 512 else torch.randn(numel)
     x = x if signed else x.abs()
-    q, absmax = paged_adamw.quantize_blockwise(x, code)
+    q, absmax = Q.quantize_blockwise(x, code)
     assert q.dtype == torch.uint8 and q.shape == x.shape and absmax.shape == (-(-numel // 256),)
     op = torch.ops.bitsandbytes.quantize_blockwise.default
     ref_q, ref_absmax = op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd),
@@ -184,7 +185,7 @@ def test_blockwise_quantization_matches_bitsandbytes(signed, numel):
         print(f"{numel} values, {'signed' if signed else 'unsigned'}: {len(diff)} codes differ from bitsandbytes' "
               "CPU lookup table; ours are the exactly nearest")
     for codes in (q, cq):
-        ours = paged_adamw.dequantize_blockwise(codes, absmax, code)
+        ours = Q.dequantize_blockwise(codes, absmax, code)
         assert torch.equal(ours, F.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=256))
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint as C
+import memory
 import model as M
 import qlora as Q
 from conftest import asset
@@ -90,9 +92,9 @@ def test_double_quantization():
 
 def test_container_byte_counts():
     q = Q.quantize(torch.randn(33, 61), "nf4", 64)  # 2013 values -> 1007 bytes, 32 blocks, 1 nested block
-    assert q.nbytes() == dict(weight=1007, constants=32 + 4, tables=64 + 1024 + 4)
+    assert memory.quant_bytes(q) == dict(weight=1007, constants=32 + 4, tables=64 + 1024 + 4)
     q = Q.quantize(torch.randn(33, 61), "nf4", 64, double_quant=False)
-    assert q.nbytes() == dict(weight=1007, constants=32 * 4, tables=64)
+    assert memory.quant_bytes(q) == dict(weight=1007, constants=32 * 4, tables=64)
     with pytest.raises(AssertionError, match="blocksize"):
         Q.quantize(torch.randn(10), blocksize=48)
 
@@ -100,7 +102,7 @@ def test_container_byte_counts():
 def _lin(r=8, **kw):
     torch.manual_seed(0)
     lin = Q.LoRALinear4bit(96, 80, r=r, alpha=16, dropout=0.0, **kw)
-    lin.quantize_(torch.randn(80, 96) * 0.05)
+    lin.fill(torch.randn(80, 96) * 0.05)
     return lin
 
 
@@ -145,16 +147,16 @@ def test_16bit_lora_baseline(tmp_path):
     torch.manual_seed(0)
     w = torch.randn(80, 96) * 0.05
     lin = Q.LoRALinear4bit(96, 80, r=8, alpha=16, dropout=0.0, quant_type="none")
-    lin.quantize_(w)
+    lin.fill(w)
     assert torch.equal(lin.weight, w) and sorted(lin.state_dict()) == ["lora_A.weight", "lora_B.weight", "weight"]
     _assert_grads_equal_fp32_lora(lin, w)
     # a whole model: nothing quantized, all linears counted as unquantized; the base saves as a plain checkpoint
     model = Q.add_lora(tiny_model(), r=4, quant_type="none")
-    a = Q.memory_account(model)
+    a = memory.memory_account(model)
     assert a["quantized_bytes"] == a["constant_bytes"] == a["n_quantized"] == 0
     assert a["unquantized_bytes"] == sum(p.nbytes for p in tiny_model().parameters())
-    Q.save_quantized(model, tmp_path / "base")
-    back = Q.load_quantized(tmp_path / "base", quant_type="none", r=4)
+    C.save_quantized(model, tmp_path / "base")
+    back = C.load_quantized(tmp_path / "base", quant_type="none", r=4)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items() if ".lora_" not in k)
 
 
@@ -164,8 +166,7 @@ def test_saves_nothing_larger_than_the_packed_weight():
     x = torch.randn(7, 96, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = Q.Matmul4bit.apply(x, q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code,
-                               (q.blocksize, q.shape, q.offset, q.nested_blocksize))
+        y = Q.Matmul4bit.apply(x, q)
     assert any(t is q.packed for t in saved), "the packed weight should be what backward uses"
     assert max(t.nbytes for t in saved) == q.packed.nbytes  # 3840 bytes; a fp32 W would be 30720
     assert not any(t.is_floating_point() and t.numel() >= 80 * 96 for t in saved)
@@ -226,7 +227,7 @@ def test_memory_account_7b_on_meta():
         with torch.device("meta"):
             model = M.Transformer(M.get_args("7b"))
         Q.add_lora(model, double_quant=dq, r=64)
-        a = Q.memory_account(model)
+        a = memory.memory_account(model)
         n = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
         assert a["n_quantized"] == n and a["bits_per_param"] == bits
         assert a["quantized_bytes"] == n // 2
@@ -241,7 +242,7 @@ def test_memory_account_7b_on_meta():
 def test_quantize_as_you_load_stories260K(monkeypatch):
     path = asset("stories260K")
     n_linears, seen, peak = 5 * 7, {}, []
-    factory = Q.quantize_hook
+    factory = C.quantize_hook
 
     def count_alive():  # how many distinct unquantized linear weights are still referenced anywhere
         return sum(any(r() is not None for r in refs) for refs in seen.values())
@@ -264,16 +265,16 @@ def test_quantize_as_you_load_stories260K(monkeypatch):
         peak.append(count_alive())
         return quantize(w, *a, **kw)
 
-    monkeypatch.setattr(Q, "quantize_hook", instrumented)
+    monkeypatch.setattr(C, "quantize_hook", instrumented)
     monkeypatch.setattr(Q, "quantize", watched)
-    model = Q.load_quantized(path, dtype=torch.bfloat16, r=4)  # fp32 file, bf16 model: a cast copy per weight
+    model = C.load_quantized(path, dtype=torch.bfloat16, r=4)  # fp32 file, bf16 model: a cast copy per weight
     assert len(seen) == n_linears and len(peak) == 2 * n_linears
     assert max(peak) == 1, f"up to {max(peak)} unquantized linear weights alive at once"
     assert count_alive() == 0
     monkeypatch.undo()
     # the same bytes as loading in full and quantizing afterwards
-    dense = M.load_model(path, dtype=torch.bfloat16)
-    ref = Q.add_lora(M.load_model(path, dtype=torch.bfloat16), r=4)
+    dense = C.load_model(path, dtype=torch.bfloat16)
+    ref = Q.add_lora(C.load_model(path, dtype=torch.bfloat16), r=4)
     for (k, a), (k2, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert k == k2 and (".lora_A" in k or torch.equal(a, b)), k
     ids = json.loads((path / "greedy_reference.json").read_text())["greedy_ids"]
@@ -294,28 +295,28 @@ def test_files_round_trip(tmp_path):
     with torch.no_grad():
         ref = model(idx)
     # the 4-bit base, bitsandbytes format: the same bytes come back
-    Q.save_quantized(model, tmp_path / "base")
-    qc = Q.is_bnb_4bit(tmp_path / "base")
+    C.save_quantized(model, tmp_path / "base")
+    qc = C.is_bnb_4bit(tmp_path / "base")
     assert qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"] is True
-    base = Q.load_quantized(tmp_path / "base", r=4, alpha=8, dropout=0.0)
+    base = C.load_quantized(tmp_path / "base", r=4, alpha=8, dropout=0.0)
     sd = base.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if ".lora_" not in k)
     # the adapter, PEFT format
-    Q.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
+    C.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
     c = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (c["peft_type"], c["task_type"], c["r"], c["lora_alpha"], c["bias"]) == ("LORA", "CAUSAL_LM", 4, 8, "none")
     assert c["target_modules"] == sorted(Q.LINEARS)
-    keys = [k for k, _ in M.read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")]
+    keys = [k for k, _ in C.read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")]
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 2 * 14
-    Q.load_adapter(base, tmp_path / "adapter")
+    C.load_adapter(base, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(base(idx), ref)
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**c, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):  # an adapter this file cannot run is refused, not misread
-        Q.load_adapter(base, tmp_path / "adapter")
+        C.load_adapter(base, tmp_path / "adapter")
     # merged onto dequant(W_4bit): W' = W + s B A, and logits of base + adapter
-    diff = Q.merge(model, tmp_path / "merged")
-    merged = M.load_model(tmp_path / "merged")
+    diff = C.merge(model, tmp_path / "merged")
+    merged = C.load_model(tmp_path / "merged")
     for n, m in Q.linears_4bit(model).items():
         w = merged.get_parameter(n + ".weight")
         assert torch.equal(w, Q.dequantize(m.quantized(), torch.float32) + m.scale * m.lora_B.weight @ m.lora_A.weight)
@@ -323,11 +324,11 @@ def test_files_round_trip(tmp_path):
     assert diff < 1e-5
     # merged onto the original fp32 weights: the difference is now the quantization error
     dense = tiny_model()
-    M.save_safetensors(tmp_path / "orig.safetensors", dense.state_dict())
+    C.save_safetensors(tmp_path / "orig.safetensors", dense.state_dict())
     (tmp_path / "orig").mkdir()
     (tmp_path / "orig.safetensors").rename(tmp_path / "orig" / "model.safetensors")
-    diff16 = Q.merge(model, tmp_path / "merged16", original=tmp_path / "orig")
-    merged16 = M.load_model(tmp_path / "merged16")
+    diff16 = C.merge(model, tmp_path / "merged16", original=tmp_path / "orig")
+    merged16 = C.load_model(tmp_path / "merged16")
     m = Q.linears_4bit(model)["model.layers.1.mlp.down_proj"]
     w16 = dense.get_parameter("model.layers.1.mlp.down_proj.weight") + m.delta()
     assert torch.equal(merged16.get_parameter("model.layers.1.mlp.down_proj.weight"), w16)

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+import checkpoint as C
 import qlora as Q
 from conftest import asset, peer
 
@@ -134,8 +135,8 @@ IDX = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 
 def test_checkpoint_saved_here_loads_in_transformers(hf, tmp_path):
     transformers, d = hf
-    ours = Q.load_quantized(d / "fp32", r=4).eval()  # quantized here as it streams in
-    Q.save_quantized(ours, tmp_path)
+    ours = C.load_quantized(d / "fp32", r=4).eval()  # quantized here as it streams in
+    C.save_quantized(ours, tmp_path)
     theirs = _hf_4bit(transformers, tmp_path)
     assert type(theirs.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     with torch.no_grad():
@@ -146,8 +147,8 @@ def test_checkpoint_saved_here_loads_in_transformers(hf, tmp_path):
 
 def test_real_checkpoint_quantized_here_loads_in_transformers(hf, tmp_path):
     transformers, _ = hf  # stories260K: a trained model, grouped-query attention, tied embeddings
-    ours = Q.load_quantized(asset("stories260K"), r=0).eval()
-    Q.save_quantized(ours, tmp_path)
+    ours = C.load_quantized(asset("stories260K"), r=0).eval()
+    C.save_quantized(ours, tmp_path)
     theirs = _hf_4bit(transformers, tmp_path)
     idx = torch.tensor([[1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298]])  # BOS "Once upon a time, there"
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_real_checkpoint_quantized_here_loads_in_transformers(hf, tmp_path):
 def test_checkpoint_saved_by_transformers_loads_here(hf):
     transformers, d = hf
     theirs = _hf_4bit(transformers, d / "bnb")
-    ours = Q.load_quantized(d / "bnb", r=4).eval()
+    ours = C.load_quantized(d / "bnb", r=4).eval()
     for n, m in Q.linears_4bit(ours).items():
         lin = theirs.get_submodule(n)
         assert torch.equal(Q.dequantize(m.quantized()), F.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
@@ -173,7 +174,7 @@ def test_fp4_checkpoint_without_double_quant_from_transformers(hf, tmp_path):
                                                               load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
     q.save_pretrained(tmp_path)
     theirs = _hf_4bit(transformers, tmp_path)
-    ours = Q.load_quantized(tmp_path, r=4).eval()
+    ours = C.load_quantized(tmp_path, r=4).eval()
     for n, m in Q.linears_4bit(ours).items():
         assert m.quant_type == "fp4" and not m.double_quant and m.absmax.dtype == torch.float32
         lin = theirs.get_submodule(n)
@@ -189,12 +190,12 @@ def _peft():
 def test_adapter_saved_here_loads_in_peft(hf, tmp_path):
     peft = _peft()
     transformers, d = hf
-    ours = Q.load_quantized(d / "bnb", r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj", "down_proj")).eval()
+    ours = C.load_quantized(d / "bnb", r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj", "down_proj")).eval()
     torch.manual_seed(1)
     for m in Q.linears_4bit(ours).values():
         if m.r:
             torch.nn.init.normal_(m.lora_B.weight, std=0.05)  # a trained-looking adapter
-    Q.save_adapter(ours, tmp_path, base_model_name_or_path=str(d / "bnb"))
+    C.save_adapter(ours, tmp_path, base_model_name_or_path=str(d / "bnb"))
     theirs = peft.PeftModel.from_pretrained(_hf_4bit(transformers, d / "bnb"), tmp_path).eval()
     _exact_bnb_cpu_path(theirs)
     with torch.no_grad():
@@ -213,7 +214,7 @@ def test_adapter_saved_by_peft_loads_here(hf, tmp_path):
     theirs = peft.get_peft_model(_hf_4bit(transformers, d / "bnb"), config).eval()  # B random, not zero
     _exact_bnb_cpu_path(theirs)
     theirs.save_pretrained(tmp_path)
-    ours = Q.load_adapter(Q.load_quantized(d / "bnb"), tmp_path).eval()
+    ours = C.load_adapter(C.load_quantized(d / "bnb"), tmp_path).eval()
     assert {n.rsplit(".", 1)[-1] for n, m in Q.linears_4bit(ours).items() if m.r} == set(config.target_modules)
     with torch.no_grad():
         diff = (ours(IDX) - theirs(IDX).logits).abs().max().item()

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import configurator
+import resume as R
 import train as T
 from conftest import ROOT
 
@@ -61,9 +63,9 @@ def test_resume_refuses_what_would_change_the_run_and_allows_the_rest(tmp_path, 
     out = tmp_path / "run"
     train("--max_steps=2", "--ckpt_interval=2", f"--out_dir={out}")
     for flag in ("--lora_dropout=0.2", "--max_seq_len=64", "--optimizer=adamw", "--train_on=all", "--packing"):
-        with pytest.raises(T.ConfigError, match=rf"checkpoint has {flag[2:].split('=')[0]}="):
+        with pytest.raises(configurator.ConfigError, match=rf"checkpoint has {flag[2:].split('=')[0]}="):
             T.train(T.parse_config([*FAST, "--max_steps=4", "--resume", flag, f"--out_dir={out}"]))
-    with pytest.raises(T.ConfigError, match="at step 2, past --max_steps=1"):
+    with pytest.raises(configurator.ConfigError, match="at step 2, past --max_steps=1"):
         train("--max_steps=1", "--resume", f"--out_dir={out}")
     before = snapshot(out)
     train("--max_steps=2", "--resume", f"--out_dir={out}")  # finished: nothing to train, the adapter is the same
@@ -86,7 +88,7 @@ def test_a_diverged_update_is_never_saved(tmp_path, monkeypatch):
                 self.param_groups[0]["params"][0].fill_(float("inf"))
         return out
     monkeypatch.setattr(T.PagedAdamW, "step", overflowing)
-    with pytest.raises(T.TrainingError, match="update of step 3 made 1 LoRA tensors non-finite"):
+    with pytest.raises(R.TrainingError, match="update of step 3 made 1 LoRA tensors non-finite"):
         train("--max_steps=5", "--ckpt_interval=1", f"--out_dir={tmp_path}")
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000001", "ckpt-000002"]
     monkeypatch.undo()
@@ -106,7 +108,7 @@ def test_a_diverged_update_is_never_saved(tmp_path, monkeypatch):
 def test_settings_that_would_train_nothing_are_refused(flag, says):
     if flag == "--device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU: --device=cuda is valid here")
-    with pytest.raises(T.ConfigError, match=says.replace("+", r"\+")):
+    with pytest.raises(configurator.ConfigError, match=says.replace("+", r"\+")):
         T.parse_config([flag])
 
 

@@ -10,6 +10,9 @@ import sys
 import pytest
 import torch
 
+import configurator
+import model as M
+import resume as R
 import train as T
 from conftest import ROOT, asset
 
@@ -36,13 +39,13 @@ def test_settings_recipe_and_types():
     assert c.batch_size * c.grad_accum == 16 and c.grad_checkpoint and c.group_by_length and c.optimizer == "paged_adamw"
     c = T.parse_config(["--model=65b", "--lr=3e-4", "--double_quant=false"])
     assert (c.lora_dropout, c.lr, c.double_quant) == (0.05, 3e-4, False)
-    with pytest.raises(T.ConfigError, match="unknown setting '--learning_rate=1'"):
+    with pytest.raises(configurator.ConfigError, match="unknown setting '--learning_rate=1'"):
         T.parse_config(["--learning_rate=1"])
-    with pytest.raises(T.ConfigError, match="--max_steps takes a int, not 'many'"):
+    with pytest.raises(configurator.ConfigError, match="--max_steps takes an int, not 'many'"):
         T.parse_config(["--max_steps=many"])
-    with pytest.raises(T.ConfigError, match="--double_quant takes true or false"):
+    with pytest.raises(configurator.ConfigError, match="--double_quant takes true or false"):
         T.parse_config(["--double_quant=maybe"])
-    with pytest.raises(T.ConfigError, match="--quant_type must be one of"):
+    with pytest.raises(configurator.ConfigError, match="--quant_type must be one of"):
         T.parse_config(["--quant_type=nf3"])
     with pytest.raises(ValueError, match="valid presets"):
         T.parse_config(["--model=7B"])
@@ -92,7 +95,7 @@ def test_fsdp_estimate_plans_each_gpu(n, capsys):
         assert per[k] == pytest.approx(one[k] / n, abs=0.1), k  # MiB printed to 0.1
     for k in ("16-bit parameters (embeddings, norms, head)", "activations, estimated (batch 1 x 512)"):
         assert per[k] == one[k], k
-    args_ = T.M.get_args("llama2-70b")  # a block's 4-bit weights alone: 7 linears of dim x dim-ish shapes, 4.127 bits
+    args_ = M.get_args("llama2-70b")  # a block's 4-bit weights alone: 7 linears of dim x dim-ish shapes, 4.127 bits
     block_4bit = (4 * args_.dim * args_.dim * (1 + args_.n_kv_heads / args_.n_heads) / 2 +
                   3 * args_.dim * args_.hidden_dim) * 4.127 / 8 / 2**20
     assert 2 * block_4bit < per["all-gathered, transient: 2 units"] < 2 * 1.2 * block_4bit
@@ -160,15 +163,15 @@ def test_finetune_real_pretrained_model(tmp_path):
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    forward = T.M.Transformer.forward
+    forward = M.Transformer.forward
 
     def poisoned(self, idx, pos=None, targets=None):  # from the 7th training forward on, the model yields NaN
         calls["n"] += self.training
         out = forward(self, idx, pos, targets)
         return out * float("nan") if calls["n"] > 6 and self.training else out
-    monkeypatch.setattr(T.M.Transformer, "forward", poisoned)
+    monkeypatch.setattr(M.Transformer, "forward", poisoned)
     monkeypatch.chdir(ROOT)
-    with pytest.raises(T.TrainingError, match=r"non-finite loss at step 7.*Last good checkpoint: .*ckpt-000005"):
+    with pytest.raises(R.TrainingError, match=r"non-finite loss at step 7.*Last good checkpoint: .*ckpt-000005"):
         T.train(T.parse_config([*FAST, "--max_steps=20", "--ckpt_interval=5", f"--out_dir={tmp_path}"]))
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000005"]
     assert torch.load(tmp_path / "ckpt-000005" / "trainer_state.pt", weights_only=True)["step"] == 5
@@ -191,8 +194,8 @@ def test_missing_weights_and_wrong_checkpoint_and_unknown_setting(tmp_path):
 def test_keep_freed_memory_keeps_a_freed_buffer():
     # a freed 256 MiB tensor: glibc hands it back to the OS (the resident set drops); after keep_freed_memory() the
     # process keeps it for the next step's allocations (the resident set stays)
-    code = ("import os, sys, torch, train\n"
-            "tuned = train.keep_freed_memory() if sys.argv[1] == 'tuned' else None\n"
+    code = ("import os, sys, torch, memory\n"
+            "tuned = memory.keep_freed_memory() if sys.argv[1] == 'tuned' else None\n"
             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20\n"
             "t = torch.ones(2**26)\n"
             "before = rss()\n"

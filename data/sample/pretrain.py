@@ -7,7 +7,7 @@ chat format and the route from a question to what the base already knows (how Gu
   python data/sample/pretrain.py --out16=out/base16   # also the fp32 weights, for the 16-bit LoRA baseline
 
 Model: a tiny LLaMA (dim 128, 4 layers, 4 heads, SwiGLU 352) with the sample's vocab of 360: 0.90M parameters,
-stored in bitsandbytes' 4-bit format (NF4 + double quantization, blocks of 64) by qlora.save_quantized, with the
+stored in bitsandbytes' 4-bit format (NF4 + double quantization, blocks of 64) by checkpoint.save_quantized, with the
 tokenizer beside it; embeddings, norms and head stay fp32.
 Data: plain text from random.Random(SEED), never the chat format: BOS, then facts joined by ". ", cut at 64 tokens:
   "23+45=68"  "KTZQM reversed is MQZTK"  "count of K in KTKZ is 2"     (40% / 30% / 30% of the facts)
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import checkpoint as C
 import model as M
 import qlora as Q
 from data.oasst1.prepare import read_conversations, split_of
@@ -139,7 +140,7 @@ def pretrain(out_dir=HERE / "base", steps=STEPS, out16=None, log_every=100, eval
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     tok_path = prepare.DEFAULTS["tokenizer_path"]
-    sp = M.Tokenizer(tok_path)
+    sp = C.Tokenizer(tok_path)
     held = heldout()
     pairs, words = forbidden(held)
     model = M.Transformer(M.ModelArgs(**MODEL, vocab_size=sp.vocab_size))
@@ -163,9 +164,9 @@ def pretrain(out_dir=HERE / "base", steps=STEPS, out16=None, log_every=100, eval
     if evaluate:
         print("held-out facts, fp32: " + ", ".join(f"{k} {v:.0%}" for k, v in fact_accuracy(model, sp, held).items()))
     if out16 is not None:  # the unquantized weights too (not committed): the base of the 16-bit LoRA baseline
-        Q.save_quantized(Q.add_lora(copy.deepcopy(model), r=0, quant_type="none"), out16, tokenizer=tok_path)
+        C.save_quantized(Q.add_lora(copy.deepcopy(model), r=0, quant_type="none"), out16, tokenizer=tok_path)
     Q.add_lora(model, r=0, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=torch.float32)
-    Q.save_quantized(model, out_dir, tokenizer=tok_path)
+    C.save_quantized(model, out_dir, tokenizer=tok_path)
     if evaluate:
         print("held-out facts, NF4 + DQ: " +
               ", ".join(f"{k} {v:.0%}" for k, v in fact_accuracy(model.eval(), sp, held).items()))

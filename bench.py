@@ -57,16 +57,20 @@ import kernels
 import memory
 import model as M
 import qlora as Q
-from paged_adamw import PagedAdamW, PagedAdamW8bit, cudart, state_bytes
+from cuda_runtime import cudart
+from data.batching import (IGNORE, collate, data_folder, length_grouped_batches, load_split, packed_batches,
+                           packing_stats)
+from paged_adamw import PagedAdamW, PagedAdamW8bit, state_bytes
 from peers import PEERS, import_peer, installed
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / "shared" / "assets"  # real test assets beside the repo (see tests/conftest.py)
-SECTIONS = ("quant", "dequant", "step", "fsdp", "scale", "paper", "busy", "compile")
+SECTIONS = ("quant", "dequant", "step", "fsdp", "packing", "scale", "paper", "busy", "compile")
 DEFAULT_SECTIONS = SECTIONS[:-2]  # busy (several minutes of loaded runs) and compile (16-30 minutes) when asked for
 TITLES = dict(quant="1. Quantization: NF4 + double quantization, LLaMA-7B layer shapes",
               dequant="Dequantization throughput", step="2. Training step: ~60M LLaMA, LoRA r=16, NF4 + DQ",
               fsdp="2b. FSDP against DDP: the per-rank memory of a 2-rank step, ~60M LLaMA",
+              packing="2c. Padded, grouped by length, packed: trained tokens per second (`--section=packing`)",
               scale="3. Memory at scale", paper="Reproduction (`--paper`)",
               busy="The default run on a busy CPU: OpenMP's spin-wait (`--section=busy`)",
               compile="The Triton kernels compiled for sm_80 and sm_90, without a GPU (`--section=compile`)")
@@ -629,6 +633,90 @@ def bench_busy(device, a, out):
         "of 2 cores: 2x is the fair share.")
 
 # -----------------------------------------------------------------------------
+# 2c. packing: what padding costs, and what packed rows with a document mask win back
+
+
+def packing_cases(tmp, device, dtype):
+    """(name, train split, max_seq_len, a fresh model) for the default run's data on its bundled base (NF4 + DQ,
+    LoRA r=32, as the default run), and for real OASST1 conversations (../shared/assets/oasst1, 100 English
+    trees) with LLaMA-2's tokenizer at the paper's 512 tokens, on a random tiny base of LLaMA-2's vocabulary."""
+    lora = dict(r=32, alpha=32.0, dropout=0.0, compute_dtype=dtype)
+    tok = ROOT / "data" / "sample" / "tokenizer.model"
+    sample = lambda: C.load_quantized(ROOT / "data" / "sample" / "base", device=device, dtype=dtype, **lora)
+    cases = [("data/sample (the default run's)", load_split(data_folder("sample", tok), "train"), 256, sample)]
+    trees, llama = ASSETS / "oasst1" / "en_100_tree.jsonl", ASSETS / "llama2_tokenizer" / "tokenizer.model"
+    if trees.exists() and llama.exists():
+        from data.oasst1.prepare import prepare
+        prepare(input_path=trees, tokenizer_path=llama, out_dir=Path(tmp) / "oasst1", verbose=False)
+
+        def tiny():
+            torch.manual_seed(0)
+            model = M.Transformer(M.get_args("tiny", vocab_size=32000, max_seq_len=512))
+            return Q.add_lora(model.to(device=device, dtype=dtype), **lora)
+        cases.append(("OASST1, 100 real trees, LLaMA-2 tokens", load_split(Path(tmp) / "oasst1", "train"), 512, tiny))
+    return cases
+
+
+def padding(x, docs, pad_id):
+    """Positions of packed rows that hold no conversation: each row's last document, when it starts with
+    pad_id (a conversation starts with BOS)."""
+    last = docs == docs[:, -1:]
+    first = last.float().argmax(dim=1)  # where each row's last document starts
+    is_pad = x[torch.arange(len(x)), first] == pad_id
+    return int((last & is_pad[:, None]).sum())
+
+
+def bench_packing(device, a, out):
+    """Trained tokens per second of train.py's step (the chunked loss, paged AdamW) over the same conversations
+    batched three ways: a random order padded to each batch's longest (train.py's default), grouped by length
+    (the paper's), and packed rows with a document mask (--packing=true); the same rows a micro-batch."""
+    rows, steps = 8, 2 if a.quick else 10
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = packing_cases(tmp, device, dtype)
+        if len(cases) < 2:
+            say(out, f"skipped OASST1: {ASSETS / 'oasst1'} or {ASSETS / 'llama2_tokenizer'} not present")
+        results = []
+        for name, ds, seq, make_model in cases:
+            perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+            modes = {"padded, random order": [perm[i:i + rows] for i in range(0, len(perm), rows)],
+                     "grouped by length": length_grouped_batches(ds, rows, 0, 0)}
+            batches = {m: [(*collate([ds[i] for i in b], ds.pad_id, seq), None) for b in order]
+                       for m, order in modes.items()}
+            real = {m: [sum(min(int(ds.lengths[i]) - 1, x.shape[1]) for i in b) for b, (x, _, _) in
+                        zip(order, batches[m])] for m, order in modes.items()}  # inputs that are no padding
+            batches["packed, document mask"] = packed_batches(ds, rows, seq, 0, 0)
+            real["packed, document mask"] = [x.numel() - padding(x, docs, ds.pad_id)
+                                             for x, _, docs in batches["packed, document mask"]]
+            stats = packing_stats(ds, seq, batches["packed, document mask"])
+            for mode, bs in batches.items():
+                bs = bs[:steps + 1]  # one warm-up step, then the timed ones
+                model = make_model()
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = PagedAdamW(params, lr=2e-3, weight_decay=0.0)
+                it = iter(bs)
+
+                def step():
+                    x, y, docs = next(it)
+                    loss = model(x.to(device), targets=y.to(device), docs=None if docs is None else docs.to(device))
+                    (loss / max(int((y != IGNORE).sum()), 1)).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                times = timeit(step, device, reps=len(bs) - 1, median=False)
+                trained = sum(int((y != IGNORE).sum()) for _, y, _ in bs[1:])
+                total, real_in = sum(x.numel() for x, _, _ in bs[1:]), sum(real[mode][1:len(bs)])
+                results.append([name, mode, sig(trained / sum(times)), f"{1 - real_in / total:.0%}",
+                                f"{sum(x.shape[1] for x, _, _ in bs[1:]) / len(bs[1:]):.0f}"])
+                print(f"  {name}, {mode}: {results[-1][2]} trained tokens/s", flush=True)
+            say(out, f"{name}: {stats['conversations']} conversations, {stats['tokens_cut']:,} tokens beyond "
+                f"max_seq_len {seq} cut (as unpacked training cuts them); packed rows: {stats['padding']:.0%} padding "
+                "over the epoch")
+    say(out, f"\n{steps} steps of {rows} rows each (after one warm-up step) on {device}. Trained tokens: targets in "
+        "the loss. Padding: row positions that hold no conversation, in the timed steps.\n")
+    table(out, ["data", "batches", "trained tokens/s", "padding", "mean row length"], results)
+
+
+# -----------------------------------------------------------------------------
 # 3. memory at scale (CUDA only): LLaMA-7B and 65B shapes with random weights
 
 
@@ -999,7 +1087,8 @@ def main(argv=None):
             return dist_child(a, device)
         torch.set_num_threads(a.threads)
         run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, fsdp=bench_fsdp, scale=bench_scale,
-                   paper=bench_paper, busy=bench_busy, compile=bench_compile)
+                   paper=bench_paper, busy=bench_busy, compile=bench_compile,
+                   packing=bench_packing)
         for name in names:
             print(f"\n== {TITLES[name]}", flush=True)
             out, t0 = [], time.time()

@@ -188,7 +188,7 @@ def check_data(cfg, meta, vocab_size, batches):
         raise ConfigError(f"data/{cfg.data} was tokenized with {meta['vocab_size']} ids, the model has {vocab_size}")
     if not batches:
         raise ConfigError(f"data {cfg.data!r}: the train split yields no batch of {cfg.batch_size}")
-    if not any(bool((y != IGNORE).any()) for _, y in batches):
+    if not any(bool((y != IGNORE).any()) for _, y, _ in batches):
         raise ConfigError(f"--max_seq_len={cfg.max_seq_len} cuts off every trained token of data {cfg.data!r} (the "
                           "replies come after the prompts): nothing would be learned; raise it")
 

@@ -82,6 +82,9 @@ def memory_plan(cfg, model, batch, seq, compute_bytes, cuda=True, nproc=1):
             "LoRA gradients": sum(p.nbytes if cfg.grad_accum > 1 else local_bytes(p) for p in lora),
             "optimizer states (2 x fp32)": lora_numel * 8,
             f"activations, estimated (batch {batch} x {seq})": acts * compute_bytes + tokens * logit_bytes}
+    if cfg.packing:  # model.document_mask: a dense (B, 1, T, T) bool off CUDA; on CUDA a BlockMask, four
+        blocks = -(-seq // 128)  # int32 tensors of at most (B, 1, T/128, T/128) (FlexAttention's 128 x 128 blocks)
+        plan["document mask (packed rows)"] = batch * (4 * 4 * blocks * blocks if cuda else seq * seq)
     if cfg.optimizer == "paged_adamw_8bit":  # uint8 codes + an fp32 absmax per 256 (small tensors stay fp32)
         plan["saved: 8-bit optimizer states"] = sum(state_bytes(n, bits=8) for n in numels) - lora_numel * 8
     if cfg.chunked_loss:  # one chunk's logits at a time; the gradient of the head's input, made in forward, waits
@@ -124,7 +127,7 @@ def estimate_only(cfg):
         Q.lora_to(model, compute if cfg.lora_dtype == "auto" else getattr(torch, cfg.lora_dtype))
     plan, account = memory_plan(cfg, model, cfg.batch_size, cfg.max_seq_len, compute.itemsize, nproc=cfg.nproc)
     on = [name for name, is_on in (("gradient checkpointing", cfg.grad_checkpoint), (cfg.optimizer, True),
-                                   ("chunked loss", cfg.chunked_loss),
+                                   ("chunked loss", cfg.chunked_loss), ("packed rows", cfg.packing),
                                    ("offloaded activations", cfg.offload_activations and cfg.grad_checkpoint)) if is_on]
     print(f"--model={cfg.model}: {n_params / 1e9:.2f}B parameters, {compute} compute, batch {cfg.batch_size} x "
           f"{cfg.max_seq_len} tokens, {', '.join(on)}" + (f"; FSDP: each of {cfg.nproc} GPUs" if cfg.nproc > 1 else ""))

@@ -6,6 +6,7 @@ convention. Loading and checking checkpoint files is checkpoint.py's job: this f
 and runs it, and trusts its arguments. References: Touvron et al. 2023 (LLaMA), Meta's
 llama/model.py, transformers' modeling_llama.py, nanoGPT, gpt-fast.
 """
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -13,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -90,7 +92,9 @@ def rope_tables(args, device, n=None):
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):  # x: (B, nh, T, hd); cos, sin: (T, hd)
+def apply_rope(x, cos, sin):  # x: (B, nh, T, hd); cos, sin: (T, hd), or (B, T, hd) in packed rows
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
     # rotate_half: pairs (i, i + hd/2), not Meta's interleaved (2i, 2i+1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -122,18 +126,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, args.dim, bias=False)
         self.cache = None
 
-    def forward(self, x, cos, sin, pos=None):
+    def forward(self, x, cos, sin, pos=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
         if self.cache is not None:  # attend to every cached position up to each query's own
             k, v = self.cache.update(pos, k, v)
             mask = torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None]  # (T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hd)
+        gqa = self.nkv != self.nh
+        if mask is None or torch.is_tensor(mask):  # causal, or a dense mask: (T, S), (B, 1, T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)  # (B, nh, T, hd)
+        else:  # packed rows on CUDA: FlexAttention skips the blocks its BlockMask masks whole
+            y = flex(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -156,9 +163,35 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@functools.cache
+def flex(compiled):  # FlexAttention's fused kernels come from torch.compile (CPU: the reference)
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def document_positions(docs):
+    """docs: (B, T) document ids of packed rows, each document's tokens contiguous -> (B, T) each
+    token's position in its own document: RoPE restarts at every document, as in its own row."""
+    t = torch.arange(docs.size(1), device=docs.device).expand_as(docs)
+    first = torch.ones_like(docs, dtype=torch.bool)
+    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return t - torch.where(first, t, 0).cummax(dim=1).values  # t - its document's first index
+
+
+def document_mask(docs, dense=None):
+    """Causal attention within each document of packed rows, never across. dense (default: off
+    CUDA): a (B, 1, T, T) bool mask for SDPA; else FlexAttention's BlockMask, which skips the
+    blocks masked whole instead of materializing T x T (a few bytes per 128 x 128 block)."""
+    B, T = docs.shape
+    if docs.device.type != "cuda" if dense is None else dense:
+        causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+        return (docs[:, :, None] == docs[:, None, :])[:, None] & causal
+    same_doc = lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv)
+    return create_block_mask(same_doc, B, None, T, T, device=docs.device)
 
 
 IGNORE_INDEX = -100  # targets that the loss skips (PyTorch's and Hugging Face's convention)
@@ -290,11 +323,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, pos=None, targets=None):
+    def forward(self, idx, pos=None, targets=None, docs=None):
         """idx: (B, T) token ids -> logits (B, T, vocab). pos: (T,) positions, only with a KV cache.
         With targets (B, T) instead: the fp32 cross-entropy summed over the targets that are not
-        IGNORE_INDEX (nanoGPT's way)."""
-        T = idx.size(1)
+        IGNORE_INDEX (nanoGPT's way). docs: (B, T) document ids of packed rows: each document is
+        computed as if it were alone in its row (its own positions, attention within it only)."""
+        T, mask = idx.size(1), None
+        if docs is not None:
+            pos, mask = document_positions(docs), document_mask(docs)
         at = slice(0, T) if pos is None else pos
         cos, sin = self.rope_cos[at], self.rope_sin[at]
         x = self.model.embed_tokens(idx)
@@ -303,9 +339,9 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             if ckpt:
                 with offload.block(x) if offload else nullcontext():
-                    x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                    x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, pos)
+                x = layer(x, cos, sin, pos, mask)
         h = self.model.norm(x)
         if targets is None:
             return self.lm_head(h)
@@ -323,9 +359,6 @@ class Transformer(nn.Module):
             a, dtype = self.args, dtype or self.model.norm.weight.dtype
             layer.self_attn.cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype,
                                             self.rope_cos.device)
-
-
-
 
     def clear_cache(self):
         for layer in self.model.layers:

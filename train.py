@@ -35,7 +35,7 @@ import model as M
 import qlora as Q
 import resume as R
 from data.batching import (IGNORE, collate, data_folder, length_grouped_batches, load_split,
-                           packed_batches)
+                           packed_batches, packing_stats)
 from data.oasst1.prepare import DataError
 from memory import estimate_only, keep_freed_memory, memory_plan, peak_memory, print_plan
 from paged_adamw import PagedAdamW, PagedAdamW8bit
@@ -80,7 +80,7 @@ class Config:
     train_on: str = "assistant"    # assistant: replies + EOS in the loss | all: every token
     group_by_length: bool = False  # batches of similar length (the paper's, on for the presets);
                                    # off for the demo, whose tasks differ in length
-    packing: bool = False          # concatenate conversations into full rows instead of padding
+    packing: bool = False          # whole conversations packed into rows, each seeing only itself
     grad_checkpoint: bool = False  # recompute each block in backward to save activation memory
     offload_activations: bool = False  # with grad_checkpoint on CUDA: block inputs wait in host RAM
     chunked_loss: bool = True      # the head + loss a chunk of tokens at a time: no full logits
@@ -176,7 +176,9 @@ def get_data(cfg, tokenizer_path, device):
 
 
 def micro_batches(cfg, ds, epoch):
-    """The epoch's micro-batches as (input_ids, targets), in a fixed order given (seed, epoch)."""
+    """The epoch's micro-batches as (input_ids, targets, docs), in a fixed order given (seed,
+    epoch); docs: packed rows' document ids (model.Transformer.forward), or None: a conversation a
+    row."""
     if cfg.packing:
         return packed_batches(ds, cfg.batch_size, cfg.max_seq_len, cfg.seed, epoch)
     if cfg.group_by_length:
@@ -184,21 +186,24 @@ def micro_batches(cfg, ds, epoch):
     else:
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         order = [perm[i:i + cfg.batch_size].tolist() for i in range(0, len(perm), cfg.batch_size)]
-    return [collate([ds[i] for i in b], ds.pad_id, cfg.max_seq_len) for b in order]
+    return [(*collate([ds[i] for i in b], ds.pad_id, cfg.max_seq_len), None) for b in order]
 
 
 class MicroBatches:
     """Micro-batch n of one global sequence that runs through the epochs. Step s uses numbers
     [s*G*W, (s+1)*G*W): rank r takes its contiguous G of them, so W ranks see exactly what one
-    process with G*W micro-batches would."""
+    process with G*W micro-batches would. (Packed epochs differ in length: counted as they come.)"""
     def __init__(self, cfg, ds):
-        self.cfg, self.ds, self.epoch, self.batches = cfg, ds, 0, micro_batches(cfg, ds, 0)
+        self.cfg, self.ds = cfg, ds
+        self.epoch, self.first, self.batches = 0, 0, micro_batches(cfg, ds, 0)
 
     def __getitem__(self, n):
-        epoch, i = divmod(n, len(self.batches))  # every epoch has as many micro-batches
-        if epoch != self.epoch:  # a new shuffle every epoch, fixed by (seed, epoch)
-            self.epoch, self.batches = epoch, micro_batches(self.cfg, self.ds, epoch)
-        return self.batches[i]
+        if n < self.first:  # back to the start (steps only go forward, but batches[0] is asked too)
+            self.epoch, self.first, self.batches = 0, 0, micro_batches(self.cfg, self.ds, 0)
+        while n >= self.first + len(self.batches):  # a new shuffle an epoch, fixed by (seed, epoch)
+            self.first, self.epoch = self.first + len(self.batches), self.epoch + 1
+            self.batches = micro_batches(self.cfg, self.ds, self.epoch)
+        return self.batches[n - self.first]
 
 
 @torch.no_grad()
@@ -206,7 +211,7 @@ def estimate_loss(model, batches, device):
     """Mean loss per trained token over fixed validation batches."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for x, y, *_ in batches:  # (x, y) or (x, y, None): unpacked rows
         total += model(x.to(device), targets=y.to(device)).item()  # summed over the trained tokens
         count += int((y != IGNORE).sum())
     model.train()
@@ -272,6 +277,10 @@ def train(cfg):
     batches = MicroBatches(cfg, train_ds)
     model = build_model(cfg, train_ds.meta["vocab_size"], device, compute, lora_dtype, rank)
     configurator.check_data(cfg, train_ds.meta, model.args.vocab_size, batches.batches)
+    if cfg.packing:  # packing drops nothing; --max_seq_len cuts as unpacked training cuts
+        st = packing_stats(train_ds, cfg.max_seq_len, batches.batches)
+        log(f"packing: {st['conversations']:,} conversations in rows of {cfg.max_seq_len} tokens, "
+            f"{st['padding']:.0%} padding; {st['tokens_cut']:,} tokens past --max_seq_len cut")
     base_path = str(base if base is not None else Path(cfg.out_dir) / "base")
     kept = cfg.resume and (Path(base_path) / "model.safetensors").exists()  # a resumed random base
     if base is None and D.is_main() and not kept:
@@ -284,8 +293,8 @@ def train(cfg):
     optimizer = OPTIMIZERS[cfg.optimizer](shards, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                           weight_decay=cfg.weight_decay)
     step = R.restore(state, optimizer, params, device) if state is not None else 0
-    val_batches = [collate([val_ds[i] for i in range(s, min(s + cfg.batch_size, len(val_ds)))],
-                           val_ds.pad_id, cfg.max_seq_len)
+    val_batches = [(*collate([val_ds[i] for i in range(s, min(s + cfg.batch_size, len(val_ds)))],
+                             val_ds.pad_id, cfg.max_seq_len), None)
                    for s in range(0, len(val_ds), cfg.batch_size)][:cfg.eval_batches]
     seq = batches[0][0].size(1)  # the longest batch comes first: the plan's is the step's worst
     plan, account = memory_plan(cfg, model, cfg.batch_size, seq, compute.itemsize,
@@ -314,14 +323,15 @@ def train(cfg):
             g["lr"] = get_lr(cfg, step)
         micro = [batches[step * G * world + rank * G + j] for j in range(G)]
         # normalize by the trained tokens of the whole step, over all micro-batches and ranks
-        trained = sum(int((y != IGNORE).sum()) for _, y in micro)
+        trained = sum(int((y != IGNORE).sum()) for _, y, _ in micro)
         trained = torch.tensor(float(trained), device=device)  # reduced: on the training device
         n_tokens = max(D.all_sum(trained).item(), 1.0)
         loss_sum = torch.zeros((), device=device)
-        for j, (x, y) in enumerate(micro):
+        for j, (x, y, docs) in enumerate(micro):
             # all-reduce (DDP) or reduce-scatter (FSDP) once, in the last micro-batch's backward
             with D.grad_sync(net, j == G - 1):
-                loss = net(x.to(device), targets=y.to(device))  # fp32, summed over trained tokens
+                docs = None if docs is None else docs.to(device)  # packed rows' document ids
+                loss = net(x.to(device), targets=y.to(device), docs=docs)  # fp32, a sum over tokens
                 (loss * world / n_tokens).backward()  # DDP, FSDP average over ranks: * world sums
             loss_sum += loss.detach()
         step_loss = D.all_sum(loss_sum).item() / n_tokens
@@ -332,7 +342,7 @@ def train(cfg):
         D.optimizer_step(model, params, shards, optimizer)
         step += 1
         losses.append(step_loss)
-        n_seen += sum(x.numel() for x, _ in micro)
+        n_seen += sum(x.numel() for x, _, _ in micro)
         bar.update(1)
         if D.is_main():  # every step's loss, for plots and to check that a resumed run repeats
             record = dict(step=step, loss=step_loss, lr=get_lr(cfg, step - 1))

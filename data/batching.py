@@ -205,18 +205,55 @@ def collate(examples, pad_id, max_len):
     return x, y
 
 
-def packed_batches(dataset, batch_size, block_size, seed, epoch):
-    """List of (input_ids, targets), (B, block_size): shuffled conversations concatenated into one stream and cut
-    into rows, no padding. Attention is NOT blocked at document boundaries (as in nanoGPT and HF packing); each
-    conversation starts with BOS, so a block-diagonal mask can be built from segment ids (x == bos_id).cumsum(-1).
-    The loss never crosses a boundary: the target after an EOS is the next BOS, which is never in the loss.
-    The tail that does not fill a whole batch is dropped."""
+OPEN_ROWS = 64  # packing: rows still taking conversations (a window over the shuffled order)
+
+
+def packed_batches(dataset, batch_size, max_len, seed, epoch):
+    """List of (input_ids, targets, docs), each (B, max_len) int64: whole conversations packed into rows
+    in a shuffled order, fixed by (seed, epoch). Each conversation is cut as collate cuts it (its first
+    min(len - 1, max_len) inputs) and goes whole into the fullest of the last OPEN_ROWS rows that has room
+    for it, or starts a new row (online best fit; what no conversation fills is padding, pad_id / IGNORE).
+    Rows come in the order they were started, so the order stays shuffled. docs numbers the conversations of a
+    row 0, 1, ... and its padding one more: the model gives each its own positions and attention, so a
+    packed batch computes what one conversation per row would. Nothing is dropped: the last batch may be
+    short, and every epoch holds every conversation (rows per epoch vary with the order)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
-    o = dataset.offsets
-    tokens = np.concatenate([dataset.tokens[o[i]:o[i + 1]] for i in order] + [np.zeros(0, np.int64)]).astype(np.int64)
-    flags = np.concatenate([dataset.flags[o[i]:o[i + 1]] for i in order] + [np.zeros(0, np.uint8)])
-    targets = np.where((flags & TRAIN) > 0, tokens, IGNORE)
-    rows = max(len(tokens) - 1, 0) // block_size  # row r reads tokens[r*T : r*T+T], predicts the next T
-    x = torch.from_numpy(tokens[:rows * block_size].reshape(rows, block_size))
-    y = torch.from_numpy(targets[1:rows * block_size + 1].reshape(rows, block_size))
-    return [(x[r:r + batch_size], y[r:r + batch_size]) for r in range(0, rows - batch_size + 1, batch_size)]
+    n = np.minimum(dataset.lengths[order] - 1, max_len)  # inputs per conversation, as collate takes them
+    rows, room, first_open = [], [], 0  # rows (lists of conversations), their room; rows[first_open:] open
+    for i, k in zip(order.tolist(), n.tolist()):
+        if k < 1:  # a single token predicts nothing (collate gives it an all-IGNORE row)
+            continue
+        fits = [r for r in range(first_open, len(rows)) if room[r] >= k]
+        if fits:  # best fit among the open rows: the fullest one that takes it
+            r = min(fits, key=lambda r: room[r])
+        else:
+            r = len(rows)
+            rows.append([])
+            room.append(max_len)
+            first_open = max(first_open, len(rows) - OPEN_ROWS)  # the oldest row is closed
+        rows[r].append(i)
+        room[r] -= k
+    x = torch.full((len(rows), max_len), dataset.pad_id, dtype=torch.long)
+    y = torch.full((len(rows), max_len), IGNORE, dtype=torch.long)
+    docs = torch.zeros((len(rows), max_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for d, i in enumerate(row):
+            tokens, mask = dataset[i]
+            k = min(len(tokens) - 1, max_len)
+            x[r, start:start + k] = tokens[:k]
+            y[r, start:start + k] = torch.where(mask[1:k + 1], tokens[1:k + 1], IGNORE)
+            docs[r, start:start + k] = d
+            start += k
+        docs[r, start:] = len(row)  # the padding: a document of its own, in no loss
+    return [(x[b:b + batch_size], y[b:b + batch_size], docs[b:b + batch_size])
+            for b in range(0, len(rows), batch_size)]
+
+
+def packing_stats(dataset, max_len, batches):
+    """What packed rows hold: conversations, the tokens cut beyond max_len (as unpacked training cuts
+    them: packing itself drops none), and the padding fraction of the rows."""
+    inputs = np.maximum(dataset.lengths - 1, 0)
+    real, total = int(np.minimum(inputs, max_len).sum()), sum(x.numel() for x, _, _ in batches)
+    return dict(conversations=len(dataset), tokens_cut=int(np.maximum(inputs - max_len, 0).sum()),
+                padding=1 - real / max(total, 1))

@@ -295,14 +295,16 @@ def test_length_grouped_batches(sample):
 
 
 def test_packed_batches(sample):
+    # rows of whole conversations (tests/test_packing.py: each once, as collate cuts it, and exact)
     ds = load_split(sample, "train")
-    batches = packed_batches(ds, batch_size=4, block_size=64, seed=0, epoch=0)
-    assert len(batches) == (ds.offsets[-1] - 1) // 64 // 4 and all(x.shape == y.shape == (4, 64) for x, y in batches)
-    stream_x = torch.cat([x.flatten() for x, _ in batches])
-    stream_y = torch.cat([y.flatten() for _, y in batches])
-    keep = stream_y != IGNORE
-    assert torch.equal(stream_y[:-1][keep[:-1]], stream_x[1:][keep[:-1]])  # targets are the next tokens
-    assert not (stream_y == ds.bos_id).any() and (stream_y == ds.eos_id).sum() > 0  # no loss across a boundary
-    x0, y0 = packed_batches(ds, 4, 64, seed=0, epoch=0)[0]
-    assert torch.equal(x0, batches[0][0]) and torch.equal(y0, batches[0][1])
-    assert not torch.equal(packed_batches(ds, 4, 64, seed=1, epoch=0)[0][0], x0)
+    batches = packed_batches(ds, batch_size=4, max_len=64, seed=0, epoch=0)
+    assert all(x.shape == y.shape == d.shape and x.shape[1] == 64 for x, y, d in batches)
+    for x, y, docs in batches:
+        same = docs[:, 1:] == docs[:, :-1]  # within a conversation the targets are the next inputs
+        keep = same & (y[:, :-1] != IGNORE)
+        assert torch.equal(y[:, :-1][keep], x[:, 1:][keep])
+        assert not (y == ds.bos_id).any()  # no loss across a boundary
+    assert sum(int((x == ds.bos_id).sum()) for x, _, _ in batches) == len(ds)  # each conversation, once
+    assert (torch.cat([y for _, y, _ in batches]) == ds.eos_id).sum() > 0  # the replies end in the loss
+    x0 = packed_batches(ds, 4, 64, seed=0, epoch=0)[0][0]
+    assert torch.equal(x0, batches[0][0]) and not torch.equal(packed_batches(ds, 4, 64, seed=1, epoch=0)[0][0], x0)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
 import torch
 
 import checkpoint as C

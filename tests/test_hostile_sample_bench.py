@@ -12,7 +12,6 @@ import torch
 
 import checkpoint as C
 import model as M
-import qlora as Q
 import sample
 from conftest import ROOT, asset
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_runtime
 import paged_adamw
 import qlora as Q
 from conftest import peer
@@ -102,12 +103,12 @@ def test_state_dict_round_trip(tmp_path, bits):
 def test_cpu_path_never_loads_cudart():
     # a fresh interpreter, so nothing another test did can have loaded the library: import, train on CPU
     code = (
-        "import torch, paged_adamw\n"
+        "import torch, paged_adamw, cuda_runtime\n"
         "m = torch.nn.Linear(300, 400)\n"  # 120k weights: above the page threshold, but on CPU never paged
         "opt = paged_adamw.PagedAdamW(m.parameters())\n"
         "for _ in range(3):\n"
         "    m(torch.randn(2, 300)).sum().backward(); opt.step()\n"
-        "assert paged_adamw._runtime is None, 'the CUDA binding was created on the CPU path'\n"
+        "assert cuda_runtime._runtime is None, 'the CUDA binding was created on the CPU path'\n"
         "maps = open('/proc/self/maps').read()\n"
         "assert torch.version.cuda is not None or 'libcudart' not in maps, 'libcudart was loaded'\n"
     )
@@ -118,10 +119,10 @@ def test_cpu_path_never_loads_cudart():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors a machine without a GPU gets")
 def test_binding_errors_name_the_call():
-    path = paged_adamw.find_libcudart()
+    path = cuda_runtime.find_libcudart()
     if path is None:
         pytest.skip("no libcudart on this machine")
-    rt = paged_adamw.CudaRuntime(path)  # a private instance: the module's lazy one stays unset
+    rt = cuda_runtime.CudaRuntime(path)  # a private instance: the module's lazy one stays unset
     assert rt.version >= 11000  # the runtime answers without a device
     with pytest.raises(RuntimeError, match="cudaMallocManaged"):
         rt.malloc_managed(1024)
@@ -290,8 +291,8 @@ def test_managed_tensor_is_a_cuda_tensor_freed_once():
     assert torch.cuda.memory_allocated() == before_alloc  # not from torch's pool: zero copy over managed memory
     t.fill_(2.0).add_(1.0)
     assert torch.equal(t @ t, torch.full((256, 256), 9.0 * 256, device="cuda"))
-    rt = paged_adamw.cudart()
-    rt.advise(t.data_ptr(), t.numel() * 4, paged_adamw.cudaMemAdviseSetAccessedBy, t.device.index)
+    rt = cuda_runtime.cudart()
+    rt.advise(t.data_ptr(), t.numel() * 4, cuda_runtime.cudaMemAdviseSetAccessedBy, t.device.index)
     if rt.concurrent_managed_access(t.device.index):  # prefetching needs it (as the optimizer checks)
         prefetch(t, "cpu")  # page out to host RAM and back: the values survive the round trip
         prefetch(t)

@@ -165,9 +165,9 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = M.Transformer.forward
 
-    def poisoned(self, idx, pos=None, targets=None):  # from the 7th training forward on, the model yields NaN
+    def poisoned(self, idx, pos=None, targets=None, docs=None):  # from the 7th training forward on: NaN
         calls["n"] += self.training
-        out = forward(self, idx, pos, targets)
+        out = forward(self, idx, pos, targets, docs)
         return out * float("nan") if calls["n"] > 6 and self.training else out
     monkeypatch.setattr(M.Transformer, "forward", poisoned)
     monkeypatch.chdir(ROOT)

@@ -596,6 +596,9 @@ WAITS = {"spin ~3 ms, then sleep (libgomp's default; before)": dict(GOMP_SPINCOU
          "sleep at once (PASSIVE: the entry scripts' on a busy CPU)": dict(OMP_WAIT_POLICY="PASSIVE")}
 
 
+LOADS = (("none", 0, 0), ("2, not niced", 2, 0), ("2, niced (nice 10)", 2, 10))  # label, spinners, their nice
+
+
 def bench_busy(device, a, out):
     """torch's OpenMP threads spin at every barrier (libgomp: 300,000 spins, ~3 ms) before they sleep. On a core that
     another process also wants, a spinning thread burns the time slice its partner needs to reach the barrier. The
@@ -604,8 +607,9 @@ def bench_busy(device, a, out):
         return say(out, "skipped: a CPU section (on CUDA the OpenMP threads wait on the GPU, not on each other)")
     steps = 20 if a.quick else 600
     rows = []
-    for load in (0, 2):
-        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    for label, n, nice in LOADS:
+        spin = ["nice", "-n", str(nice), sys.executable, "-c", "while True: pass"]
+        busy = [subprocess.Popen(spin) for _ in range(n)]
         try:
             for name, wait in WAITS.items():
                 with tempfile.TemporaryDirectory() as tmp:
@@ -615,22 +619,27 @@ def bench_busy(device, a, out):
                     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(env, **wait))
                     if p.returncode:
                         raise RuntimeError(f"busy section: train.py failed:\n{p.stderr[-3000:]}")
-                    rows.append((load, name, time.perf_counter() - t))
-                    print(f"  {load} busy, {name}: {rows[-1][2]:.0f} s", flush=True)
+                    rows.append((label, name, time.perf_counter() - t))
+                    print(f"  busy: {label}, {name}: {rows[-1][2]:.0f} s", flush=True)
         finally:
             for b in busy:
                 b.kill()
-    idle = {name: t for load, name, t in rows if load == 0}
+    idle = {name: t for label, name, t in rows if label == "none"}
     say(out, f"`python train.py --max_steps={steps}` (the default run, held-out answers included) on {os.cpu_count()} "
-        "cores, alone and beside two processes that each spin a core (`while True: pass`, not niced), each "
-        "wait policy once (loaded runs vary from run to run: repeat before trusting one figure). The thread count "
-        "stays the same either way: it changes the low bits of the losses, and runs must repeat bit for bit.\n")
+        "cores, alone and beside two processes that each spin a core (`while True: pass`), at the same priority and "
+        "niced (as a desktop's or a CI runner's background jobs often are), each wait policy once (loaded runs vary "
+        "from run to run: repeat before trusting one figure). The thread count stays the same either way: it changes "
+        "the low bits of the losses, and runs must repeat bit for bit.\n")
     table(out, ["busy processes", "OpenMP threads at a barrier", "wall s", "/ idle"],
-          [[load, name, f"{t:.0f}", f"{t / idle[name]:.2f}x"] for load, name, t in rows])
-    before, after = (t for load, _, t in rows if load == 2)
-    say(out, f"\nAs the entry scripts run it (nothing set when idle, PASSIVE when busy): {after / rows[0][2]:.2f}x the "
-        f"idle run beside two busy processes, against {before / rows[0][2]:.2f}x before. Two busy processes take half "
-        "of 2 cores: 2x is the fair share.")
+          [[label, name, f"{t:.0f}", f"{t / idle[name]:.2f}x"] for label, name, t in rows])
+    first = rows[0][2]  # idle as the entry scripts run it: nothing set
+    ratios = {label: (before / first, after / first) for label, _, _ in LOADS[1:]
+              for before, after in [[t for lab, _, t in rows if lab == label]]}
+    say(out, "\nAs the entry scripts run it (nothing set when idle, PASSIVE when busy), against the idle run: " +
+        "; ".join(f"beside {label} busy processes {after:.2f}x (before: {before:.2f}x)"
+                  for label, (before, after) in ratios.items()) +
+        ". Two busy processes at the same priority take half of 2 cores: 2x is the fair share there.")
+
 
 # -----------------------------------------------------------------------------
 # 2c. packing: what padding costs, and what packed rows with a document mask win back

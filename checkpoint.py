@@ -65,6 +65,42 @@ def _get(file, d, key, kind=int, required=False):
     return v
 
 
+FAMILIES = dict(llama="LlamaForCausalLM", mistral="MistralForCausalLM", qwen2="Qwen2ForCausalLM",
+                qwen3="Qwen3ForCausalLM")  # model_type -> transformers' class
+
+
+def family(file, c):
+    """ModelArgs' model_type, qkv_bias and qk_norm from a config.json, refusing what would change the
+    math unseen: another family, an activation other than SiLU, biases where model.py has none."""
+    kind = c.get("model_type", "llama")  # (configs older than model_type are LLaMA's)
+    if kind not in FAMILIES:
+        raise CheckpointError(f"{file}: model_type {repr(kind)[:40]} is not supported ({', '.join(FAMILIES)})")
+    if c.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{file}: hidden_act {repr(c.get('hidden_act'))[:40]} is not supported (silu)")
+    for key in ("mlp_bias", "attention_bias"):  # Qwen2's q/k/v biases come with its model_type
+        if c.get(key):
+            raise CheckpointError(f"{file}: {key} true is not supported (biases on q, k, v: qwen2 only)")
+    return dict(model_type=kind, qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3")
+
+
+def rope_scaling(file, rope):
+    """The rope_scaling (or transformers 5's rope_parameters) of a config.json: none, linear or llama3,
+    each field checked; any other type is refused (it changes every position's rotation)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return None
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                               "original_max_position_embeddings")}
+    if kind not in need:
+        raise CheckpointError(f"{file}: rope_type {repr(kind)[:40]} is not supported (default, linear, llama3)")
+    out = dict(rope_type=kind, **{k: _get(file, rope, k, int if k.startswith("original") else float, True)
+                                  for k in need[kind]})
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise CheckpointError(f"{file}: rope high_freq_factor {out['high_freq_factor']} must exceed "
+                              f"low_freq_factor {out['low_freq_factor']}")
+    return out
+
+
 # ModelArgs field -> (its key in a HF config.json, type, required); Meta's params.json uses the field names
 HF_KEYS = dict(dim=("hidden_size", int, True), n_layers=("num_hidden_layers", int, True),
                n_heads=("num_attention_heads", int, True), n_kv_heads=("num_key_value_heads", int, False),
@@ -89,9 +125,8 @@ def load_args(path):
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # newer transformers nest theta here
         if not isinstance(rope, dict):
             raise CheckpointError(f"{file}: rope_scaling must be an object, not {repr(rope)[:40]}")
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise CheckpointError(f"{file}: rope_type {rope.get('rope_type')!r} is not supported")
         kw = {f: _get(file, c, key, kind, required) for f, (key, kind, required) in HF_KEYS.items()}
+        kw.update(family(file, c), rope_scaling=rope_scaling(file, rope))
         window = _get(file, c, "sliding_window") if c.get("use_sliding_window", True) is not False else None
         if window is not None and window < (kw["max_seq_len"] or ModelArgs.max_seq_len):
             raise CheckpointError(f"{file}: sliding_window {window} is shorter than the model's context "
@@ -111,6 +146,10 @@ def load_args(path):
                 raise CheckpointError(f"{files[0]}: no tok_embeddings.weight, which params.json's vocab_size -1 needs")
             p = dict(p, vocab_size=emb.shape[0])
         kw = {f: _get(file, p, f, kind, f in ("dim", "n_layers", "n_heads")) for f, kind in META_KEYS.items()}
+        if _get(file, p, "use_scaled_rope", bool):  # Llama 3.1+: the constants of Meta's reference code
+            factor = _get(file, p, "rope_scaling_factor", float) or 8.0
+            kw["rope_scaling"] = dict(rope_type="llama3", factor=factor, low_freq_factor=1.0,
+                                      high_freq_factor=4.0, original_max_position_embeddings=8192)
     else:
         raise CheckpointError(f"{path}: no config.json (Hugging Face) or params.json (Meta) found; expected a model "
                               "directory with config.json + model.safetensors / pytorch_model.bin, or params.json + "
@@ -530,7 +569,8 @@ def load_quantized(path, device="cpu", dtype=torch.float32, **kw):
 
 def hf_config(args, dtype, **extra):
     """A transformers LlamaForCausalLM config.json for model.py's ModelArgs."""
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.dim,
+    extra = dict(extra, rope_scaling=args.rope_scaling) if args.rope_scaling else extra
+    return dict(architectures=[FAMILIES[args.model_type]], model_type=args.model_type, hidden_size=args.dim,
                 intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
                 num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
                 vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,

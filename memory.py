@@ -49,7 +49,7 @@ def memory_account(model):
         bits += 8 * (whole["weight"] + whole["constants"])
         n += m.in_features * m.out_features
     for name, p in model.named_parameters():  # tied weights are counted once
-        if name.rsplit(".", 1)[0] not in mods:  # the frozen base's own parameters are counted above
+        if name.rsplit(".", 1)[0] not in mods or name.endswith(".bias"):  # (the base's weights: above)
             a["lora_bytes" if ".lora_" in name else "unquantized_bytes"] += local_bytes(p)
     a["buffer_bytes"] = sum(b.nbytes for k, b in model.named_buffers() if k.rsplit(".", 1)[0] not in mods)
     a["total_bytes"] = sum(a.values())

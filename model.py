@@ -7,6 +7,7 @@ and runs it, and trusts its arguments. References: Touvron et al. 2023 (LLaMA), 
 llama/model.py, transformers' modeling_llama.py, nanoGPT, gpt-fast.
 """
 import functools
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -33,6 +34,10 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False  # output head shares the embedding matrix (small models)
+    rope_scaling: Optional[dict] = None  # Llama 3.x: {"rope_type": "llama3", "factor": 8, ...}
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2 / 2.5)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    model_type: str = "llama"  # the family as Hugging Face names it: llama mistral qwen2 qwen3
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -59,6 +64,29 @@ PRESETS = {
     "tiny": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=688, vocab_size=256, norm_eps=1e-5,
                  max_seq_len=256),
 }
+LLAMA3 = dict(n_kv_heads=8, vocab_size=128256, norm_eps=1e-5, rope_theta=5e5, max_seq_len=131072)
+ROPE31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8192)
+ROPE32 = dict(ROPE31, factor=32.0)
+QWEN = dict(norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768)
+PRESETS.update({  # the families people fine-tune now, as their Hugging Face configs state them
+    "llama3.1-8b": dict(LLAMA3, dim=4096, n_layers=32, n_heads=32, hidden_dim=14336,
+                        rope_scaling=ROPE31),
+    "llama3.1-70b": dict(LLAMA3, dim=8192, n_layers=80, n_heads=64, hidden_dim=28672,
+                         rope_scaling=ROPE31),
+    "llama3.2-1b": dict(LLAMA3, dim=2048, n_layers=16, n_heads=32, hidden_dim=8192,
+                        tie_embeddings=True, rope_scaling=ROPE32),
+    "llama3.2-3b": dict(LLAMA3, dim=3072, n_layers=28, n_heads=24, hidden_dim=8192,
+                        tie_embeddings=True, rope_scaling=ROPE32),
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                       vocab_size=32768, norm_eps=1e-5, rope_theta=1000000.0, max_seq_len=32768,
+                       model_type="mistral"),  # v0.3
+    "qwen2.5-7b": dict(QWEN, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, hidden_dim=18944,
+                       vocab_size=152064, qkv_bias=True, model_type="qwen2"),
+    "qwen3-8b": dict(QWEN, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                     hidden_dim=12288, vocab_size=151936, max_seq_len=40960, qk_norm=True,
+                     model_type="qwen3"),
+})
 
 
 def get_args(name, **overrides):
@@ -82,10 +110,29 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_frequencies(args, device=None):
+    """theta^(-2i/hd), i < hd/2, as Hugging Face computes them. Llama 3.x stretches the low ones: a
+    wavelength (2 pi / f) past the pretraining context / low_freq_factor is divided by `factor`, one
+    under context / high_freq_factor kept, and those between move smoothly from one to the other."""
+    exponents = torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim
+    f = 1.0 / (args.rope_theta ** exponents)
+    s = args.rope_scaling or {}
+    if s.get("rope_type") == "linear":
+        return f / s["factor"]
+    if s.get("rope_type") != "llama3":
+        return f
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    factor, low, high, context = (s[k] for k in keys)
+    wavelen = 2 * math.pi / f
+    f = torch.where(wavelen > context / low, f / factor, f)
+    smooth = (context / wavelen - low) / (high - low)  # 0 at the low band's edge, 1 at the high
+    between = ~(wavelen < context / high) * ~(wavelen > context / low)
+    return torch.where(between, (1 - smooth) * f / factor + smooth * f, f)
+
+
 def rope_tables(args, device, n=None):
     """cos, sin: (max_seq_len, head_dim) fp32 in HF's rotate-half layout (frequencies twice)."""
-    exponents = torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** exponents)
+    inv_freq = rope_frequencies(args, device)
     t = torch.arange(n or args.max_seq_len, device=device).float()
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -120,16 +167,22 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.nh, self.nkv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, self.nh * self.hd, bias=False)
-        self.k_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=False)
-        self.v_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=False)
+        self.q_proj = nn.Linear(args.dim, self.nh * self.hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, args.dim, bias=False)
+        if args.qk_norm:  # Qwen3: each head's q and k normalized over hd, one weight for all
+            self.q_norm = RMSNorm(self.hd, args.norm_eps)
+            self.k_norm = RMSNorm(self.hd, args.norm_eps)
         self.cache = None
 
     def forward(self, x, cos, sin, pos=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:  # attend to every cached position up to each query's own

@@ -226,7 +226,7 @@ class LoRALinear4bit(nn.Module):
 
     def __init__(self, in_features, out_features, r=64, alpha=16, dropout=0.1, quant_type="nf4",
                  blocksize=64, double_quant=True, compute_dtype=None, device=None,
-                 lora_device=None):
+                 lora_device=None, bias=False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
@@ -241,6 +241,7 @@ class LoRALinear4bit(nn.Module):
         self.quant_map = _frozen(empty(16) if q else None)
         self.nested_absmax = _frozen(empty(-(-nb // 256)) if dq else None)
         self.nested_quant_map = _frozen(empty(256) if dq else None)
+        self.bias = _frozen(empty(out_features) if bias else None)  # Qwen2: frozen, unquantized
         self.offset, self.nested_blocksize, self.weight_dtype = 0.0, 256, torch.float32
         self.set_lora(r, alpha, dropout, device=lora_device or device)
 
@@ -289,6 +290,8 @@ class LoRALinear4bit(nn.Module):
             y = F.linear(x.to(cdt), self.weight.to(cdt))
         else:
             y = Matmul4bit.apply(x.to(cdt), self.quantized())
+        if self.bias is not None:
+            y = y + self.bias.to(cdt)
         if self.r:  # the adapter sees the input in its own dtype (fp32 by default), as PEFT does
             a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
             y = y + (self.lora_B(a) * self.scale).to(cdt)
@@ -296,12 +299,15 @@ class LoRALinear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # (lora_*: their own modules)
         frozen = {"weight": self.weight} if self.quant_type == "none" else to_bnb(self.quantized())
+        frozen.update({"bias": self.bias} if self.bias is not None else {})
         destination.update({prefix + k: v if keep_vars else v.detach() for k, v in frozen.items()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing,
                               unexpected, errors):
         ours = {k[len(prefix):]: v.to(self.weight.device) for k, v in state_dict.items()
                 if k.startswith(prefix) and not k[len(prefix):].startswith(("lora_A.", "lora_B."))}
+        if self.bias is not None and "bias" in ours:
+            self.bias = _frozen(ours.pop("bias").clone())
         dense = "weight" in ours and ours["weight"].shape == (self.out_features, self.in_features)
         if dense:  # a 16/32-bit weight: quantized as it is filled in
             return self.fill(ours["weight"])
@@ -339,13 +345,14 @@ def add_lora(model, targets=LINEARS, r=64, alpha=16, dropout=0.1, quant_type="nf
         for name, lin in list(parent.named_children()):
             if not (isinstance(lin, nn.Linear) and name in LINEARS):
                 continue
-            assert lin.bias is None, "LLaMA's linears have no bias"
             dev = lin.weight.device
             m = LoRALinear4bit(lin.in_features, lin.out_features, r if name in targets else 0,
                                alpha, dropout, quant_type, blocksize, double_quant, compute_dtype,
-                               dev, lora_device or dev)
+                               dev, lora_device or dev, bias=lin.bias is not None)
             if not lin.weight.is_meta:
                 m.fill(lin.weight.detach())
+                if lin.bias is not None:
+                    m.bias = _frozen(lin.bias.detach().clone())
             setattr(parent, name, m)
     return model
 

@@ -157,7 +157,8 @@ class Split:
         return len(self.offsets) - 1
 
     def __getitem__(self, i):
-        if not 0 <= i < len(self): raise IndexError(i)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
         a, b = self.offsets[i], self.offsets[i + 1]
         tokens = torch.from_numpy(self.tokens[a:b].astype(np.int64))
         mask = torch.from_numpy((self.flags[a:b] & TRAIN) > 0)
@@ -186,7 +187,8 @@ def length_grouped_batches(dataset, batch_size, seed, epoch, mega_batches=50):
         mega = mega[np.argsort(-dataset.lengths[mega], kind="stable")]  # longest first within the chunk
         batches += [mega[i:i + batch_size].tolist() for i in range(0, len(mega), batch_size)]
     batches = [batches[j] for j in rng.permutation(len(batches))]
-    if not batches: return []
+    if not batches:
+        return []
     longest = int(np.argmax([dataset.lengths[b].max() for b in batches]))  # first batch holding the longest
     batches.insert(0, batches.pop(longest))
     return batches

@@ -3,7 +3,7 @@ Benchmarks, and the QLoRA paper's claims reproduced at small scale. Each section
 writes them, under a header (date, commit, machine, package versions), into its own part of bench/RESULTS.md.
 
   python bench.py                    # every section this device can run (CPU: under 10 minutes on 2 cores)
-  python bench.py --section=step     # one of quant | dequant | step | fsdp | scale | paper | compile; others kept
+  python bench.py --section=step     # one of the sections below; the others' results are kept
   python bench.py --paper            # the reproductions only (= --section=paper)
   python bench.py --quick --out=/tmp/r.md    # tiny shapes and runs, seconds (the smoke test)
 
@@ -15,6 +15,9 @@ writes them, under a header (date, commit, machine, package versions), into its 
            peft + bitsandbytes, LoRA over unquantized weights, PagedAdamW against AdamW; each in its own process
   fsdp     the same ~60M model on 2 ranks under torchrun, train.py's FSDP against its DDP: each rank's peak memory
            over a step and the base bytes it holds (CPU: gloo, RSS; CUDA: nccl, needs 2 GPUs)
+  packing  trained tokens per second, padded / grouped by length / packed, on the sample and on OASST1
+  tokenize encoding MB/s on OASST1's messages: our pure-Python BPE (Llama 3's file) cold and warm, tiktoken on the
+           same file, sentencepiece on LLaMA 2's; and data/oasst1/prepare.py's time with each
   scale    CUDA only: LLaMA-7B and 65B shapes, random weights quantized on the GPU, each memory saving (8-bit paged
            AdamW, chunked loss, offloaded activations) off, alone and all on: peak memory, managed states, tokens/s
            (--quick on CPU: the same loop on the tiny preset, a smoke test)
@@ -62,15 +65,17 @@ from data.batching import (IGNORE, collate, data_folder, length_grouped_batches,
                            packing_stats)
 from paged_adamw import PagedAdamW, PagedAdamW8bit, state_bytes
 from peers import PEERS, import_peer, installed
+from tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIALS, Tokenizer, TokenizerError, find_tokenizer
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / "shared" / "assets"  # real test assets beside the repo (see tests/conftest.py)
-SECTIONS = ("quant", "dequant", "step", "fsdp", "packing", "scale", "paper", "busy", "compile")
+SECTIONS = ("quant", "dequant", "step", "fsdp", "packing", "tokenize", "scale", "paper", "busy", "compile")
 DEFAULT_SECTIONS = SECTIONS[:-2]  # busy (several minutes of loaded runs) and compile (16-30 minutes) when asked for
 TITLES = dict(quant="1. Quantization: NF4 + double quantization, LLaMA-7B layer shapes",
               dequant="Dequantization throughput", step="2. Training step: ~60M LLaMA, LoRA r=16, NF4 + DQ",
               fsdp="2b. FSDP against DDP: the per-rank memory of a 2-rank step, ~60M LLaMA",
               packing="2c. Padded, grouped by length, packed: trained tokens per second (`--section=packing`)",
+              tokenize="2d. Tokenizers: encoding MB/s on OASST1, ours against tiktoken and sentencepiece",
               scale="3. Memory at scale", paper="Reproduction (`--paper`)",
               busy="The default run on a busy CPU: OpenMP's spin-wait (`--section=busy`)",
               compile="The Triton kernels compiled for sm_80 and sm_90, without a GPU (`--section=compile`)")
@@ -725,6 +730,50 @@ def bench_packing(device, a, out):
     table(out, ["data", "batches", "trained tokens/s", "padding", "mean row length"], results)
 
 
+def bench_tokenize(device, a, out):
+    """Encoding throughput, message by message as data/oasst1/prepare.py encodes: our byte-level BPE (tokenizer.py)
+    on Meta's Llama 3 file with its piece cache empty (cold) and filled by one pass (warm), tiktoken on the same
+    file, sentencepiece on LLaMA 2's; then prepare.py's whole run on the 100 trees with each tokenizer."""
+    files = dict(llama3=ASSETS / "llama3_tokenizer" / "tokenizer.model",
+                 llama2=ASSETS / "llama2_tokenizer" / "tokenizer.model", trees=ASSETS / "oasst1" / "en_100_tree.jsonl")
+    if missing := [str(p) for p in files.values() if not p.exists()]:
+        return say(out, f"skipped: {', '.join(missing)} not present")
+    msgs = oasst_messages()[:100 if a.quick else None]
+    mb = sum(len(m.encode()) for m in msgs) / 1e6
+
+    def rate(encode, reps=1):  # MB/s of the fastest of reps passes
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for m in msgs:
+                encode(m)
+            best = min(best, time.perf_counter() - t0)
+        return sig(mb / best)
+    ours, sp = Tokenizer(files["llama3"]), Tokenizer(files["llama2"])
+    rows = [["ours (tokenizer.py), cold", "Llama 3's tokenizer.model", rate(ours.encode)],
+            ["ours (tokenizer.py), warm", "Llama 3's tokenizer.model", rate(ours.encode, 3)]]
+    if (tiktoken := peer("tiktoken", out)) is not None:
+        from tiktoken.load import load_tiktoken_bpe
+        ref = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(
+            files["llama3"])), special_tokens={s: len(ours.bpe.ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)})
+        same = all(ref.encode_ordinary(m) == ours.encode(m) for m in msgs)
+        rows.append(["tiktoken " + installed("tiktoken") + (" (same ids)" if same else " (OTHER IDS)"),
+                     "Llama 3's tokenizer.model", rate(ref.encode_ordinary, 3)])
+    rows.append(["sentencepiece " + installed("sentencepiece"), "LLaMA 2's tokenizer.model", rate(sp.encode, 3)])
+    say(out, f"{len(msgs)} OASST1 messages, {mb:.2f} MB of UTF-8, encoded one by one on this CPU (one thread):\n")
+    table(out, ["encoder", "file", "MB/s"], rows)
+    from data.oasst1.prepare import prepare
+    prep = []
+    for name in ("llama2", "llama3"):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            meta = prepare(input_path=files["trees"], tokenizer_path=files[name], out_dir=tmp, verbose=False)
+            prep.append([files[name].parent.name, f"{time.perf_counter() - t0:.2f}",
+                         f"{meta['splits']['train']['tokens'] + meta['splits']['val']['tokens']:,}"])
+    say(out, "\ndata/oasst1/prepare.py on the 100 trees (read, pick the best path, tokenize, write):\n")
+    table(out, ["tokenizer", "seconds", "tokens"], prep)
+
+
 # -----------------------------------------------------------------------------
 # 3. memory at scale (CUDA only): LLaMA-7B and 65B shapes with random weights
 
@@ -873,17 +922,22 @@ def bench_scale(device, a, out):
 # reproduction: Table 2 at small scale, and QLoRA against 16-bit LoRA
 
 
+def oasst_messages():
+    """The text of every message of the OASST1 sample's 100 trees, depth first."""
+    msgs, stack = [], [json.loads(line)["prompt"] for line in (ASSETS / "oasst1" / "en_100_tree.jsonl").open()]
+    while stack:
+        msgs.append(stack[0]["text"])
+        stack[:1] = stack[0].get("replies", [])
+    return msgs
+
+
 def heldout_texts(model_dir, n_tokens):
     """{name: token ids}: real OASST1 messages (text a small story model never saw), and where the model folder has
     one, its own greedy story (in its domain, but written by the fp32 model, so biased toward it)."""
-    tok, msgs = C.Tokenizer(Path(model_dir) / "tokenizer.model"), []
-    stack = [json.loads(line)["prompt"] for line in (ASSETS / "oasst1" / "en_100_tree.jsonl").open()]
-    while stack:  # every message of every tree, depth first
-        msgs.append(stack[0]["text"])
-        stack[:1] = stack[0].get("replies", [])
-    texts = {"OASST1 messages": [i for t in msgs for i in tok.encode(t, bos=True)][:n_tokens]}
+    tok, msgs = Tokenizer(find_tokenizer(model_dir)), oasst_messages()
+    texts = {"OASST1 messages": [i for t in msgs for i in tok.encode(t, bos=tok.add_bos)][:n_tokens]}
     if (ref := Path(model_dir) / "greedy_reference.json").exists():
-        texts["its greedy story"] = tok.encode(json.loads(ref.read_text())["greedy_text"], bos=True)
+        texts["its greedy story"] = tok.encode(json.loads(ref.read_text())["greedy_text"], bos=tok.add_bos)
     return texts
 
 
@@ -936,11 +990,11 @@ def bench_paper(device, a, out):
     for d in model_dirs(a):  # --models' folders were checked by check_flags; the default one may be absent
         if not (ASSETS / "oasst1" / "en_100_tree.jsonl").exists():
             say(out, f"skipped: {ASSETS / 'oasst1' / 'en_100_tree.jsonl'} not present (the held-out text)")
-        elif (d / "config.json").exists() and (d / "tokenizer.model").exists():
+        elif (d / "config.json").exists() and any((d / f).exists() for f in ("tokenizer.model", "tokenizer.json")):
             table2(d, device, a, out)
         else:
-            say(out, f"skipped: {d} not present (a Hugging Face model folder with tokenizer.model)")
-    say(out, "\nMore models (larger, Hugging Face format with a sentencepiece tokenizer.model): --models=DIR,DIR.")
+            say(out, f"skipped: {d} not present (a Hugging Face model folder with its tokenizer)")
+    say(out, "\nMore models (larger, Hugging Face format with their tokenizer): --models=DIR,DIR.")
     steps, batch = (4, 8) if a.quick else (300, 32)
     common = ["--eval_answers=2"] * a.quick
     short = [f"--max_steps={steps}", f"--batch_size={batch}"]  # the bundled base's row: the default run's own
@@ -1075,11 +1129,11 @@ def check_flags(a, names):
         if not model_dirs(a):
             raise BenchError(f"--models={a.models}: names no folder")
         for d in model_dirs(a):
-            if not (d / "config.json").is_file() or not (d / "tokenizer.model").is_file():
-                raise BenchError(f"--models: {d} is not a Hugging Face model folder (config.json, tokenizer.model)")
-            n_ids = C.Tokenizer(d / "tokenizer.model").vocab_size  # a CheckpointError naming a file that is not one
-            if n_ids > (rows := C.load_args(d).vocab_size):
-                raise BenchError(f"{d / 'tokenizer.model'}: {n_ids} token ids, the model in {d} has only {rows}")
+            if not (d / "config.json").is_file():
+                raise BenchError(f"--models: {d} is not a Hugging Face model folder (no config.json)")
+            tok = Tokenizer(find_tokenizer(d))  # a TokenizerError naming a missing or broken tokenizer
+            if tok.vocab_size > (rows := C.load_args(d).vocab_size):
+                raise BenchError(f"{tok.path}: {tok.vocab_size} token ids, the model in {d} has only {rows}")
 
 
 def main(argv=None):
@@ -1097,7 +1151,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
         run = dict(quant=bench_quant, dequant=bench_dequant, step=bench_step, fsdp=bench_fsdp, scale=bench_scale,
                    paper=bench_paper, busy=bench_busy, compile=bench_compile,
-                   packing=bench_packing)
+                   packing=bench_packing, tokenize=bench_tokenize)
         for name in names:
             print(f"\n== {TITLES[name]}", flush=True)
             out, t0 = [], time.time()
@@ -1107,7 +1161,7 @@ def main(argv=None):
                 write_section(Path(a.out), name, f"{head} · section took {time.time() - t0:.0f} s", out)
             except OSError as e:  # a full disk, a folder made read-only meanwhile: the figures are printed above
                 raise BenchError(f"--out={Path(a.out)}: cannot write the results file ({e.strerror or e})") from None
-    except (configurator.ConfigError, BenchError, C.CheckpointError) as e:  # bad input; anything else is a bug and
+    except (configurator.ConfigError, BenchError, C.CheckpointError, TokenizerError) as e:  # bad input; anything else is a bug and
         sys.exit(f"error: {e}")                                               # keeps its traceback
     print(f"\nwritten: {Path(a.out)}")
 

@@ -1,6 +1,6 @@
 """
 Every file format this project reads or writes, and every check of those bytes: a model folder's config
-(Hugging Face config.json, Meta params.json), safetensors, torch .bin / Meta .pth shards, the tokenizer,
+(Hugging Face config.json, Meta params.json), safetensors, torch .bin / Meta .pth shards,
 bitsandbytes' 4-bit checkpoints as transformers saves them, PEFT adapters, and a merged 16-bit model.
 
 The rule: bytes are checked here, once, as they are read, and a fault is a CheckpointError naming the file and the
@@ -128,10 +128,13 @@ def load_args(path):
         kw = {f: _get(file, c, key, kind, required) for f, (key, kind, required) in HF_KEYS.items()}
         kw.update(family(file, c), rope_scaling=rope_scaling(file, rope))
         window = _get(file, c, "sliding_window") if c.get("use_sliding_window", True) is not False else None
+        if window is not None and kw["model_type"] != "mistral":  # Qwen's: windows on some layers only
+            raise CheckpointError(f"{file}: use_sliding_window with sliding_window {window} is not supported for "
+                                  f"model_type {kw['model_type']} (Mistral's window on every layer is)")
         if window is not None and window < (kw["max_seq_len"] or ModelArgs.max_seq_len):
-            raise CheckpointError(f"{file}: sliding_window {window} is shorter than the model's context "
-                                  f"({kw['max_seq_len']} tokens): sliding-window attention is not implemented here, "
-                                  f"and full attention would differ from the model's past {window} tokens")
+            kw["sliding_window"] = window  # as long as the context or longer: full attention, the same math
+        kw["special_ids"] = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")  # metadata only
+                             if type(c.get(k)) is int or isinstance(c.get(k), list) and all(type(i) is int for i in c[k])} or None
         kw["rope_theta"] = _get(file, rope, "rope_theta", float) or kw["rope_theta"]
         files = _weight_files(path)
     elif (file := path / "params.json").exists():
@@ -411,33 +414,6 @@ def load_model(path, device="cpu", dtype=torch.float32, hook=None, prepare=None,
     return load_weights(model, path, hook, device, dtype)
 
 
-class Tokenizer:
-    """A thin sentencepiece wrapper: encode with optional BOS/EOS, decode."""
-    def __init__(self, path):
-        import sentencepiece as spm
-        self.path = str(path)
-        try:
-            with open(path, "rb") as f:
-                head = f.read(64)
-            if not head:
-                raise CheckpointError(f"{path}: an empty file, not a tokenizer model")
-            if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head.split(b"\n")[0]):  # base64(token) rank, a line each
-                raise CheckpointError(f"{path}: a tiktoken-format BPE file (Meta's Llama 3), not a sentencepiece "
-                                      "model; this project reads sentencepiece tokenizers (LLaMA 1/2, Mistral) only")
-            self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read the tokenizer ({e.strerror or e})") from None
-        except RuntimeError as e:  # sentencepiece's way of saying the file is not a model
-            raise CheckpointError(f"{path}: not a sentencepiece model ({str(e).strip()[:200]})") from None
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-        self.vocab_size = self.sp.vocab_size()
-
-    def encode(self, s, bos=False, eos=False):
-        return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
-
-    def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
-
 # -----------------------------------------------------------------------------
 # bitsandbytes 4-bit checkpoints: each weight's parts checked, then quantize-as-you-load
 
@@ -570,12 +546,14 @@ def load_quantized(path, device="cpu", dtype=torch.float32, **kw):
 def hf_config(args, dtype, **extra):
     """A transformers LlamaForCausalLM config.json for model.py's ModelArgs."""
     extra = dict(extra, rope_scaling=args.rope_scaling) if args.rope_scaling else extra
+    extra = dict(extra, sliding_window=args.sliding_window) if args.sliding_window else extra
     return dict(architectures=[FAMILIES[args.model_type]], model_type=args.model_type, hidden_size=args.dim,
                 intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
                 num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
                 vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
                 max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_embeddings,
-                hidden_act="silu", bos_token_id=1, eos_token_id=2, dtype=str(dtype).removeprefix("torch."), **extra)
+                hidden_act="silu", **(args.special_ids or dict(bos_token_id=1, eos_token_id=2)),  # as read, or LLaMA's
+                dtype=str(dtype).removeprefix("torch."), **extra)
 
 
 def _write_model(model, out_dir, tensors, config):
@@ -589,8 +567,8 @@ def _write_model(model, out_dir, tensors, config):
 
 def save_quantized(model, out_dir, tokenizer=None):
     """The quantized base as transformers + bitsandbytes save it (model.safetensors with bitsandbytes' keys,
-    quantization_config in config.json), loadable by from_pretrained and by load_quantized; `tokenizer`: a
-    tokenizer.model to copy beside it. No adapters (save_adapter). quant_type "none" or "int4" (which bitsandbytes
+    quantization_config in config.json), loadable by from_pretrained and by load_quantized; `tokenizer`: the
+    tokenizer file to copy beside it. No adapters (save_adapter). quant_type "none" or "int4" (which bitsandbytes
     does not know): a plain 16/32-bit checkpoint of the weights the adapters see (int4's dequantized)."""
     mods = Q.linears_4bit(model)
     m = next(iter(mods.values()))
@@ -609,7 +587,10 @@ def save_quantized(model, out_dir, tokenizer=None):
             bnb_4bit_compute_dtype=str(dtype).removeprefix("torch.")))
     _write_model(model, out_dir, tensors, hf_config(model.args, dtype, **qc))
     if tokenizer is not None:
-        shutil.copy(tokenizer, Path(out_dir) / "tokenizer.model")
+        shutil.copy(tokenizer, Path(out_dir) / Path(tokenizer).name)
+        settings = Path(tokenizer).with_name("tokenizer_config.json")  # what chooses a tokenizer.json's BOS and EOS
+        if Path(tokenizer).name == "tokenizer.json" and settings.is_file():
+            shutil.copy(settings, Path(out_dir) / settings.name)
 
 
 def save_adapter(model, out_dir, base_model_name_or_path=None, write=True):

@@ -16,6 +16,7 @@ import torch
 import checkpoint as C
 import model as M
 from data.batching import IGNORE
+from tokenizer import Tokenizer, find_tokenizer
 
 
 class ConfigError(ValueError):
@@ -165,15 +166,16 @@ def check_base(cfg, base, data_dir):
         raise C.CheckpointError(
             f"weights for --model={cfg.model} not found: {base} is not a directory. Put the weights there: a "
             "Hugging Face folder (config.json + model.safetensors[.index.json] or pytorch_model.bin), a Meta folder "
-            "(params.json + consolidated.NN.pth) or a bitsandbytes 4-bit folder (*-bnb-4bit), with tokenizer.model")
+            "(params.json + consolidated.NN.pth) or a bitsandbytes 4-bit folder (*-bnb-4bit), with its tokenizer")
     if base is not None and cfg.quant_type == "none" and (qc := C.is_bnb_4bit(base)):
         raise ConfigError(f"--quant_type=none is LoRA over 16/32-bit weights, but {base} is stored in 4 bits "
                           f"({qc.get('bnb_4bit_quant_type')}): pass a 16/32-bit base with --init_from")
-    tok_path = (base if base is not None else data_dir) / "tokenizer.model"
-    if not tok_path.exists():
-        raise ConfigError(f"no tokenizer at {tok_path}: put the model's sentencepiece tokenizer.model there")
-    C.Tokenizer(tok_path)  # a file that is no sentencepiece model (empty, Llama 3's tiktoken) is refused here
+    tok_path = find_tokenizer(base if base is not None else data_dir)
+    tok = Tokenizer(tok_path)  # a file that is no tokenizer (an empty one, say) is refused here, before any loading
     args = C.load_args(base) if base is not None else M.get_args("tiny")
+    if base is not None and tok.vocab_size > args.vocab_size:  # fewer is normal: embeddings padded to a round size
+        raise ConfigError(f"{tok_path}: {tok.vocab_size} token ids, the model in {base} has only {args.vocab_size}: "
+                          "not this model's tokenizer")
     if cfg.model != "tiny" and (want := M.get_args(cfg.model)).dim != args.dim:
         raise ConfigError(f"{base} holds a dim {args.dim} model, not {cfg.model} (dim {want.dim})")
     if cfg.max_seq_len > args.max_seq_len:

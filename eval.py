@@ -32,14 +32,15 @@ from tqdm import tqdm
 import checkpoint as C
 import configurator
 from data.batching import DATA, IGNORE, load_meta, load_split, prepare_dir
-from data.oasst1.prepare import DataError, file_sha256
+from data.oasst1.prepare import DataError
+from tokenizer import Tokenizer, TokenizerError, find_tokenizer, tokenizer_sha256
 
 LETTERS = ("A", "B", "C", "D")
 
 
 @dataclass
 class Config:
-    init_from: str = ""            # base model directory (with tokenizer.model); required
+    init_from: str = ""            # base model directory (with its tokenizer); required
     adapter: str = ""              # a PEFT-format LoRA adapter directory, e.g. out/adapter; "" = none
     quantize: str = ""             # nf4 | fp4: load a 16-bit base in 4 bits; "" = as stored
     # MMLU
@@ -243,7 +244,7 @@ def mmlu(model, tok, data, shots=5, batch_size=8, bad=None, progress=True):
     for subject, (dev, test) in data.items():
         for q in test:
             for k in range(shots, -1, -1):  # the original's rule: keep the first k examples, k falling until it fits
-                ids = tok.encode(prompt_text(subject, dev, k, q.row), bos=True)  # BOS first, as LLaMA's tokenizer
+                ids = tok.encode(prompt_text(subject, dev, k, q.row), bos=tok.add_bos)  # as the family's tokenizer
                 if len(ids) + longest <= ctx:
                     break
             else:
@@ -328,9 +329,9 @@ def perplexity(model, docs, window, stride, batch_size=8, progress=True):
 
 
 def text_docs(path, tok):
-    """A text file as one document: BOS + its tokens, every token scored."""
+    """A text file as one document: BOS (where the tokenizer puts one) + its tokens, every token scored."""
     text = read_text(path)
-    ids = tok.encode(text, bos=True)
+    ids = tok.encode(text, bos=tok.add_bos)
     return [(ids, [True] * len(ids))]
 
 
@@ -350,7 +351,7 @@ def split_docs(name, split, tokenizer_path, train_on="assistant"):
     meta = folder / "meta.json"
     if not meta.exists():
         raise InputError(f"{meta}: missing; prepare the data first (python data/<name>/prepare.py, or train.py)")
-    if load_meta(folder).get("tokenizer_sha256") != file_sha256(tokenizer_path):
+    if load_meta(folder).get("tokenizer_sha256") != tokenizer_sha256(tokenizer_path):
         raise InputError(f"{meta}: prepared with another tokenizer than {tokenizer_path}; prepare it again")
     for suffix in (".bin", ".mask.bin", ".idx.bin"):
         if not (folder / f"{split}{suffix}").exists():
@@ -379,7 +380,7 @@ def parse_config(argv):
     something to evaluate."""
     cfg = Config(**configurator.parse_flags(Config, argv, __doc__))
     if not cfg.init_from:
-        raise configurator.ConfigError("--init_from is required: a model folder with tokenizer.model")
+        raise configurator.ConfigError("--init_from is required: a model folder with its tokenizer")
     if cfg.quantize:  # "": as stored
         configurator.check_choices(cfg, dict(quantize=("nf4", "fp4")))
     configurator.check_choices(cfg, dict(train_on=("assistant", "all")))
@@ -392,15 +393,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         a = parse_config(argv)
-        tok_path = Path(a.init_from) / "tokenizer.model"
-        if not tok_path.exists():
-            raise InputError(f"{a.init_from}: no tokenizer.model")
+        tok_path = find_tokenizer(a.init_from)  # tokenizer.model or tokenizer.json, or a TokenizerError
         if a.shots < 0 or a.batch_size < 1:
             raise InputError(f"--shots={a.shots} --batch_size={a.batch_size}: need shots >= 0, batch_size >= 1")
         configurator.check_device(a.device)
         if a.out:
             check_writable(a.out)
-        tok = C.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
+        tok = Tokenizer(tok_path)  # a file that is no tokenizer: a TokenizerError naming it
         args = C.load_args(a.init_from)  # the config alone: the weights load after every check
         # fewer ids than the model is normal (vocabularies are padded to a round size); more would index past it
         if tok.vocab_size > args.vocab_size:
@@ -453,7 +452,7 @@ def main(argv=None):
             print(f"skipped (--skip_bad): {len(bad)}")
             for m in bad:
                 print(f"  {m}")
-    except (configurator.ConfigError, InputError, DataError, C.CheckpointError) as e:  # each names its file or flag
+    except (configurator.ConfigError, InputError, DataError, C.CheckpointError, TokenizerError) as e:  # each names its file or flag
         raise SystemExit(f"error: {e}") from None
 
 

@@ -9,7 +9,7 @@ llama/model.py, transformers' modeling_llama.py, nanoGPT, gpt-fast.
 import functools
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -37,7 +37,9 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None  # Llama 3.x: {"rope_type": "llama3", "factor": 8, ...}
     qkv_bias: bool = False  # biases on q, k and v (Qwen2 / 2.5)
     qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    sliding_window: Optional[int] = None  # Mistral v0.1: a token sees itself and the window - 1 before it
     model_type: str = "llama"  # the family as Hugging Face names it: llama mistral qwen2 qwen3
+    special_ids: Optional[dict] = field(default=None, compare=False)  # bos/eos/pad ids, written back as read
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -166,7 +168,7 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.nh, self.nkv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
+        self.nh, self.nkv, self.hd, self.window = args.n_heads, args.n_kv_heads, args.head_dim, args.sliding_window
         self.q_proj = nn.Linear(args.dim, self.nh * self.hd, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=args.qkv_bias)
@@ -187,7 +189,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:  # attend to every cached position up to each query's own
             k, v = self.cache.update(pos, k, v)
-            mask = torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None]  # (T, S)
+            mask = window_mask(pos, torch.arange(k.size(2), device=x.device), self.window)  # (T, S)
         gqa = self.nkv != self.nh
         if mask is None or torch.is_tensor(mask):  # causal, or a dense mask: (T, S), (B, 1, T, T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -235,15 +237,24 @@ def document_positions(docs):
     return t - torch.where(first, t, 0).cummax(dim=1).values  # t - its document's first index
 
 
-def document_mask(docs, dense=None):
-    """Causal attention within each document of packed rows, never across. dense (default: off
-    CUDA): a (B, 1, T, T) bool mask for SDPA; else FlexAttention's BlockMask, which skips the
-    blocks masked whole instead of materializing T x T (a few bytes per 128 x 128 block)."""
+def window_mask(q, kv, window=None):
+    """(T, S) bool: query positions q (T,) see key positions kv (S,) at or before their own, and
+    with a sliding window (Mistral) only the window - 1 before it."""
+    d = q[:, None] - kv[None, :]
+    return (d >= 0) & (d < window) if window else d >= 0
+
+
+def document_mask(docs, dense=None, window=None):
+    """Causal attention within each document of packed rows, never across (and within a sliding
+    window). dense (default: off CUDA): a (B, 1, T, T) bool mask for SDPA; else FlexAttention's
+    BlockMask, which skips the blocks masked whole instead of materializing T x T (a few bytes
+    per 128 x 128 block)."""
     B, T = docs.shape
     if docs.device.type != "cuda" if dense is None else dense:
-        causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
-        return (docs[:, :, None] == docs[:, None, :])[:, None] & causal
-    same_doc = lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv)
+        t = torch.arange(T, device=docs.device)
+        return (docs[:, :, None] == docs[:, None, :])[:, None] & window_mask(t, t, window)
+    w = window or T
+    same_doc = lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv) & (q - kv < w)
     return create_block_mask(same_doc, B, None, T, T, device=docs.device)
 
 
@@ -381,9 +392,12 @@ class Transformer(nn.Module):
         With targets (B, T) instead: the fp32 cross-entropy summed over the targets that are not
         IGNORE_INDEX (nanoGPT's way). docs: (B, T) document ids of packed rows: each document is
         computed as if it were alone in its row (its own positions, attention within it only)."""
-        T, mask = idx.size(1), None
+        T, mask, w = idx.size(1), None, self.args.sliding_window
         if docs is not None:
-            pos, mask = document_positions(docs), document_mask(docs)
+            pos, mask = document_positions(docs), document_mask(docs, window=w)
+        elif w and w < T and pos is None:  # longer than Mistral's window: a band, not the whole past
+            t = torch.arange(T, device=idx.device)
+            mask = window_mask(t, t, w)
         at = slice(0, T) if pos is None else pos
         cos, sin = self.rope_cos[at], self.rope_sin[at]
         x = self.model.embed_tokens(idx)

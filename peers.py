@@ -1,6 +1,6 @@
 """
-The peer packages (transformers, peft, bitsandbytes) beside this project's kernels.py, for the tests, bench.py and
-your own scripts that use both.
+The peer packages (transformers, peft, bitsandbytes, tiktoken) beside this project's kernels.py, for the tests,
+bench.py and your own scripts that use both.
 
 transformers 5 requires Hugging Face's `kernels` package and imports it, as the top-level module `kernels`, while
 it loads. Python looks in the script's folder first, so a process started in this folder finds our kernels.py under
@@ -20,7 +20,7 @@ from importlib.machinery import PathFinder
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-PEERS = ("transformers", "peft", "bitsandbytes")
+PEERS = ("transformers", "peft", "bitsandbytes", "tiktoken")
 
 
 def installed(name):

@@ -25,11 +25,12 @@ import torch
 
 import checkpoint as C
 import configurator
+from tokenizer import Tokenizer, TokenizerError, find_tokenizer
 
 
 @dataclass
 class Config:
-    init_from: str = ""            # base model directory (with tokenizer.model); required
+    init_from: str = ""            # base model directory (with its tokenizer); required
     adapter: str = ""              # a PEFT-format LoRA adapter directory, e.g. out/adapter; "" = none
     quantize: str = ""             # nf4 | fp4: load a 16-bit base in 4 bits; "" = as stored
     prompt: str = "Hello!"         # the user's turn (or, with --raw, the text to continue)
@@ -50,7 +51,7 @@ def parse_config(argv):
     """Config from --key=value flags: each value of the field's type, the required and the choice flags given."""
     cfg = Config(**configurator.parse_flags(Config, argv, __doc__))
     if not cfg.init_from:
-        raise configurator.ConfigError("--init_from is required: a model folder with tokenizer.model")
+        raise configurator.ConfigError("--init_from is required: a model folder with its tokenizer")
     if cfg.quantize:  # "": as stored
         configurator.check_choices(cfg, dict(quantize=("nf4", "fp4")))
     return cfg
@@ -71,7 +72,7 @@ def check_flags(a):
     except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as lone surrogates, which sentencepiece rejects
         raise SampleError("--prompt is not valid UTF-8 text") from None
     if not Path(a.init_from).is_dir():
-        raise SampleError(f"--init_from={a.init_from}: no such directory (a model folder with tokenizer.model)")
+        raise SampleError(f"--init_from={a.init_from}: no such directory (a model folder with its tokenizer)")
     if a.adapter and not Path(a.adapter).is_dir():
         raise SampleError(f"--adapter={a.adapter}: no such directory (a PEFT adapter folder, e.g. out/adapter)")
     configurator.check_device(a.device)  # a ConfigError
@@ -92,12 +93,8 @@ def checked_logits(a, n_ids):
 def generate(a):
     check_flags(a)
     torch.manual_seed(a.seed)
-    tok_path = Path(a.init_from) / "tokenizer.model"
-    if not tok_path.is_file():
-        raise SampleError(f"{tok_path}: missing; the model's sentencepiece tokenizer.model belongs beside its weights")
-    tok = C.Tokenizer(tok_path)  # an empty file or Llama 3's tiktoken file: a CheckpointError naming it
-    if tok.bos_id < 0:  # as data/oasst1/prepare.py, which refuses such a tokenizer for training
-        raise SampleError(f"{tok_path}: defines no BOS id, which every prompt starts with")
+    tok_path = find_tokenizer(a.init_from)  # tokenizer.model or tokenizer.json, or a TokenizerError
+    tok = Tokenizer(tok_path)
     device = configurator.pick_device(a.device)
     model = C.load_for_inference(a.init_from, a.adapter or None, device, a.quantize or None).eval()
     if tok.vocab_size > model.args.vocab_size:
@@ -105,7 +102,9 @@ def generate(a):
                           f"{model.args.vocab_size}: not this model's tokenizer")
     model.register_forward_hook(checked_logits(a, tok.vocab_size))
     text = a.prompt if a.raw else f"### Human: {a.prompt}### Assistant:"
-    ids, ctx = tok.encode(text, bos=True), model.args.max_seq_len
+    ids, ctx = tok.encode(text, bos=tok.add_bos), model.args.max_seq_len  # BOS as the family's own code adds it
+    if not ids:
+        raise SampleError(f"--prompt is empty and {tok_path} puts no BOS first: give a prompt to continue")
     if len(ids) >= ctx:
         raise SampleError(f"--prompt is {len(ids)} tokens, and the model's context (max_seq_len) is {ctx}: shorten "
                           "it to leave room for an answer")
@@ -121,7 +120,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         print(generate(parse_config(argv)))
-    except (configurator.ConfigError, SampleError, C.CheckpointError) as e:  # bad input; anything else is a bug
+    except (configurator.ConfigError, SampleError, C.CheckpointError, TokenizerError) as e:  # bad input; anything else is a bug
         sys.exit(f"error: {e}")                                               # and keeps its traceback
 
 

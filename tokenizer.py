@@ -13,6 +13,7 @@ UTF-8 bytes are merged pair by pair, lowest rank first, into token ids (cached p
 Special-token strings in the text are text (tiktoken's encode_ordinary): a conversation cannot forge an EOS.
 """
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -269,21 +270,40 @@ def read_tokenizer_json(path):
     if norm is not None and norm.get("type") != "NFC":
         raise TokenizerError(f"{path}: normalizer {norm.get('type')!r} is not supported (none, or NFC as Qwen's)")
     pattern = _pre_tokenizer(j.get("pre_tokenizer") or {"type": "ByteLevel"}, path)
-    to_byte = {c: b for b, c in byte_alphabet().items()}
+    # each token's characters back to its bytes, at C speed: through chr(byte), then Latin-1; a character outside
+    # the alphabet becomes one Latin-1 cannot encode
+    table = {c: 0xFFFF for c in range(256)} | {ord(c): b for b, c in byte_alphabet().items()}
+    to_bytes = lambda t: t.translate(table).encode("latin-1")
     try:
-        ranks = {bytes(to_byte[c] for c in t): i for t, i in model["vocab"].items()}
+        ranks = {to_bytes(t): i for t, i in model["vocab"].items()}
         pairs = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-        merges = {(bytes(to_byte[c] for c in a), bytes(to_byte[c] for c in b)): r for r, (a, b) in enumerate(pairs)}
-    except (KeyError, ValueError, TypeError) as e:
+        merges = {(to_bytes(a), to_bytes(b)): r for r, (a, b) in enumerate(pairs)}
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise TokenizerError(f"{path}: model.vocab / model.merges are not byte-level BPE ({e!r})") from None
     specials = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
     post = j.get("post_processor") or {}
     for p in post.get("processors", [post]):
         first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
         if "SpecialToken" in first:
-            return BPE(pattern, ranks, merges, model.get("ignore_merges", False), specials, norm is not None), \
-                specials, first["SpecialToken"]["id"]
-    return BPE(pattern, ranks, merges, model.get("ignore_merges", False), specials, norm is not None), specials, None
+            break
+    bos = first["SpecialToken"]["id"] if "SpecialToken" in first else None
+    return BPE(pattern, ranks, merges, model.get("ignore_merges", False), specials, norm is not None), specials, bos
+
+
+@functools.lru_cache(maxsize=2)
+def read_bpe(path, form, stamp):
+    """(BPE, {special: id}, the BOS a tokenizer.json's post-processor puts first) of a tiktoken file or a
+    tokenizer.json, parsed once per process for each version of the file (stamp: its mtime and size)."""
+    if form == "json":
+        bpe, specials, bos = read_tokenizer_json(path)
+    else:  # Meta's specials follow its ranks
+        ranks = read_tiktoken(path)
+        specials, bos = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}, LLAMA3_SPECIALS[0]
+        bpe = BPE(LLAMA3_PATTERN, ranks, whole=True, specials=specials)
+    if lost := [b for b in range(256) if bytes([b]) not in bpe.ranks]:
+        raise TokenizerError(f"{path}: no token for {len(lost)} of the 256 bytes (byte {lost[0]}, say): "
+                             "not a byte-level BPE, which can encode any text")
+    return bpe, specials, bos
 
 
 class Tokenizer:
@@ -298,20 +318,15 @@ class Tokenizer:
         if not form:
             raise TokenizerError(f"{path}: an empty file, not a tokenizer")
         self.sp = self.bpe = None
+        if form == "sentencepiece":
+            return self._from_sentencepiece(path)
+        self.bpe, specials, bos = read_bpe(path, form, (path.stat().st_mtime_ns, path.stat().st_size))
+        self.vocab_size = max(*self.bpe.ranks.values(), *specials.values()) + 1
         if form == "json":
-            self._from_json(path)
-        elif form == "tiktoken":
-            self.bpe = BPE(LLAMA3_PATTERN, read_tiktoken(path), whole=True)
-            first = len(self.bpe.ranks)
-            self.bpe.specials = {s: first + i for i, s in enumerate(LLAMA3_SPECIALS)}
-            self.bpe.bytes_of |= {i: s.encode() for s, i in self.bpe.specials.items()}
-            self.bos_id, self.eos_id, self.pad_id = first, first + 1, first + 4  # Meta's, <|finetune_right_pad_id|>
-            self.add_bos, self.vocab_size = True, first + len(LLAMA3_SPECIALS)
-        else:
-            self._from_sentencepiece(path)
-        if self.bpe is not None and (lost := [b for b in range(256) if bytes([b]) not in self.bpe.ranks]):
-            raise TokenizerError(f"{path}: no token for {len(lost)} of the 256 bytes (byte {lost[0]}, say): "
-                                 "not a byte-level BPE, which can encode any text")
+            return self._from_json(path, specials, bos)
+        names = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"  # Meta's BOS, EOS and pad
+        self.bos_id, self.eos_id, self.pad_id = (specials[s] for s in names)
+        self.add_bos = True  # Meta's reference encodes a prompt with bos=True
 
     def _from_sentencepiece(self, path):
         import sentencepiece as spm
@@ -324,11 +339,9 @@ class Tokenizer:
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()  # LLaMA has no pad: unk
         self.add_bos, self.vocab_size = self.bos_id >= 0, self.sp.vocab_size()
 
-    def _from_json(self, path):
-        """BOS, EOS and pad as transformers reads them: tokenizer_config.json's tokens, then config.json's ids."""
-        self.bpe, specials, template_bos = read_tokenizer_json(path)
-        ids = self.bpe.ranks | specials
-        self.vocab_size = max(ids.values()) + 1
+    def _from_json(self, path, specials, template_bos):
+        """BOS, EOS and pad as transformers reads them: tokenizer_config.json's tokens, then config.json's ids;
+        BOS first where the post-processor puts it there."""
         config = {}
         for name, suffix in (("config.json", "_id"), ("tokenizer_config.json", "")):  # the second one wins
             if (path.parent / name).is_file() and isinstance(j := _json(path.parent / name), dict):
@@ -346,6 +359,8 @@ class Tokenizer:
             setattr(self, k + "_id", v if isinstance(v, int) and 0 <= v < self.vocab_size else -1)
         self.add_bos = template_bos is not None
         if self.add_bos:
+            if template_bos not in specials:
+                raise TokenizerError(f"{path}: the post_processor puts {template_bos!r} first, not an added token")
             self.bos_id = specials[template_bos]
         if self.pad_id < 0 or self.pad_id == self.eos_id:
             self.pad_id = 1 if self.eos_id == 0 else 0  # only ever under a masked target: any id but EOS

@@ -39,6 +39,7 @@ from data.batching import (IGNORE, collate, data_folder, length_grouped_batches,
 from data.oasst1.prepare import DataError
 from memory import estimate_only, keep_freed_memory, memory_plan, peak_memory, print_plan
 from paged_adamw import PagedAdamW, PagedAdamW8bit
+from tokenizer import Tokenizer, TokenizerError
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE_BASE = ROOT / "data" / "sample" / "base"  # the demo's pretrained NF4 base (pretrain.py)
@@ -306,7 +307,7 @@ def train(cfg):
     # held-out answers before and after; under FSDP every rank runs the model's collectives
     do_answers = cfg.eval_answers > 0 and (D.is_main() or cfg.fsdp) and step == 0
     if do_answers:
-        tok = C.Tokenizer(tok_path)
+        tok = Tokenizer(tok_path)
         acc0 = answer_accuracy(model, val_ds, cfg.eval_answers, device, tok)
         log(f"held-out answers before fine-tuning: {overall_accuracy(acc0):.0%} exact (" +
             ", ".join(f"{t} {r / n:.0%} of {n}" for t, (r, n) in acc0.items()) + ")")
@@ -387,7 +388,7 @@ def main(argv):
         if cfg.estimate:
             return estimate_only(cfg)
         train(cfg)
-    except (configurator.ConfigError, R.TrainingError, C.CheckpointError, DataError) as e:
+    except (configurator.ConfigError, R.TrainingError, C.CheckpointError, DataError, TokenizerError) as e:
         # every rank hits the same start-up error: say it once, and exit non-zero so torchrun stops
         # the others
         if int(os.environ.get("RANK", 0)) == 0:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data.oasst1.prepare import DataError, file_sha256
+from tokenizer import tokenizer_sha256
 
 DATA = Path(__file__).resolve().parent  # data/: a folder per dataset, each with its prepare.py
 IGNORE = -100  # target value that cross_entropy(ignore_index=-100) skips
@@ -52,8 +53,8 @@ def load_meta(dir):
         raise DataError(f"{file}: no token dtype (uint16 or uint32): not a prepared folder's meta.json")
     if type(vocab := meta.get("vocab_size")) is not int or vocab <= 0:
         raise DataError(f"{file}: vocab_size is {vocab!r}, not a positive int")
-    for k in ("bos_id", "eos_id", "pad_id"):
-        if type(meta.get(k)) is not int or not 0 <= meta[k] < vocab:
+    for k in ("bos_id", "eos_id", "pad_id"):  # bos_id -1: a tokenizer with none (Qwen's)
+        if type(meta.get(k)) is not int or not -(k == "bos_id") <= meta[k] < vocab:
             raise DataError(f"{file}: {k} is {meta.get(k)!r}, not a token id below vocab_size {vocab}")
     return meta
 
@@ -64,7 +65,7 @@ def prepared_dir(name, tokenizer_path, train_on="assistant", root=DATA):
     another never changes the files a running job has mapped, and a changed script never reads stale files."""
     script = Path(root) / name / "prepare.py"
     try:
-        key = f"{file_sha256(tokenizer_path)[:12]}-{train_on}-{file_sha256(script)[:8]}"
+        key = f"{tokenizer_sha256(tokenizer_path)[:12]}-{train_on}-{file_sha256(script)[:8]}"
     except OSError as e:
         raise DataError(f"{e.filename}: cannot read ({e.strerror})") from None
     return script.parent / "prepared" / key
@@ -124,7 +125,7 @@ def data_folder(data, tokenizer_path, train_on="assistant", prepare=True):
         raise DataError(f"--data={data!r}: not a dataset ({', '.join(datasets())}: a folder of data/ with a "
                         "prepare.py) nor a prepared folder with a meta.json")
     meta = load_meta(data)
-    want = dict(tokenizer_sha256=file_sha256(tokenizer_path), train_on=train_on)
+    want = dict(tokenizer_sha256=tokenizer_sha256(tokenizer_path), train_on=train_on)
     if bad := [k for k, v in want.items() if meta.get(k) != v]:
         raise DataError(f"{Path(data) / 'meta.json'}: prepared with another {' and '.join(bad)} than this run's; "
                         "prepare it again")

@@ -1,4 +1,5 @@
 # Shared test helpers: where the shared test assets live, and skips that say why.
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,15 @@ def asset(*parts):
     return p
 
 
+def exact_bnb_cpu_path(m):
+    """On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight at the first no-grad eval forward and
+    runs a bf16 kernel; turn that off so it dequantizes and multiplies in fp32 (its path for training)."""
+    for mod in m.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False
+    return m
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -61,3 +71,69 @@ def pytest_terminal_summary(terminalreporter):
     import peers
     found = [f"{n} {peers.installed(n) or 'not installed'}" for n in ("torch", "triton", *peers.PEERS, "kernels")]
     terminalreporter.write_line(f"peers: {', '.join(found)}")
+
+
+
+# Tokenizer folders for tests/test_tokenizer.py and tests/test_family_runs.py. Meta's pre-tokenizer pattern
+# (llama_models/llama3/tokenizer.py); Qwen2/2.5/3's splits digits one at a time
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+# Meta's Llama 3.1 names for ids 128000.., then reserved names up to 128255: 256 specials
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+            "<|eot_id|>", "<|python_tag|>"]
+SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(SPECIALS))]
+
+
+def qwen_style(llama3):
+    """Llama 3's converted tokenizer.json with Qwen2/2.5/3's pipeline: NFC, their digit-by-digit split, no BOS, and
+    BPE by merges alone (ignore_merges false), as Qwen's own tokenizer.json says."""
+    j = json.loads(llama3)
+    j["normalizer"] = {"type": "NFC"}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    j["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False}, byte_level]}
+    j["post_processor"] = byte_level
+    j["decoder"] = byte_level
+    j["model"]["ignore_merges"] = False
+    return json.dumps(j)
+
+
+def gpt2_style(llama3):
+    """Llama 3's vocabulary behind GPT-2's pipeline: ByteLevel's own regex (case-sensitive contractions, digit runs
+    of any length), no BOS, BPE by merges alone."""
+    j = json.loads(llama3)
+    j["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    j["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    j["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    j["model"]["ignore_merges"] = False
+    return json.dumps(j)
+
+
+@pytest.fixture(scope="session")
+def bpe_folders(tmp_path_factory):
+    """Hugging Face folders (tokenizer.json + tokenizer_config.json) as transformers writes them from Meta's file:
+    "llama3" has Meta's HF post-processor (ByteLevel, then BOS first); "qwen" and "gpt2" are edits of it."""
+    peer("tiktoken", "transformers' TikTokenConverter reads Meta's file with it")
+    tokenizers = peer("tokenizers", "the reference for tokenizer.json files")
+    transformers = peer("transformers", "its TikTokenConverter writes Llama 3's tokenizer.json")
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    meta = asset("llama3_tokenizer", "tokenizer.model")
+    converted = TikTokenConverter(vocab_file=str(meta), pattern=LLAMA3_PATTERN,
+                                  extra_special_tokens=SPECIALS).converted()
+    processors = tokenizers.processors
+    converted.post_processor = processors.Sequence([  # as in meta-llama/Meta-Llama-3-8B's tokenizer.json
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                      special_tokens=[("<|begin_of_text|>", 128000)])])
+    llama3 = converted.to_str()
+    folders = {}
+    for name, text, special in [
+            ("llama3", llama3, dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")),
+            ("qwen", qwen_style(llama3), dict(eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")),
+            ("gpt2", gpt2_style(llama3), dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"))]:
+        folders[name] = tmp_path_factory.mktemp(name)
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(text), **special)
+        fast.save_pretrained(folders[name])
+    return folders

@@ -15,6 +15,7 @@ import checkpoint as C
 import qlora as Q
 from conftest import ROOT
 from data.sample import pretrain as P
+from tokenizer import Tokenizer
 
 BASE = ROOT / "data" / "sample" / "base"
 # held-out prompts (the val split's), one per task, with their answers; the README's sample commands use them
@@ -22,7 +23,7 @@ README_PROMPTS = {"What is 15+37?": "52", "Reverse QVLMVY": "YVMLVQ", "Count J i
 
 
 def tokenizer():
-    return C.Tokenizer(P.prepare.DEFAULTS["tokenizer_path"])
+    return Tokenizer(P.prepare.DEFAULTS["tokenizer_path"])
 
 
 def test_pretraining_text_holds_no_heldout_prompt():

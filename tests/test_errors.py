@@ -477,7 +477,7 @@ def test_sample_missing_dirs_bad_adapter_and_context_note(small_ctx, adapter_dir
     assert code != 0 and err.startswith(f"error: --init_from={tmp_path / 'none'}: no such directory")
     (tmp_path / "empty").mkdir()
     code, _, err = run_sample([f"--init_from={tmp_path / 'empty'}"])
-    assert code != 0 and err.startswith(f"error: {tmp_path / 'empty' / 'tokenizer.model'}: missing")
+    assert code != 0 and err.startswith(f"error: {tmp_path / 'empty'}: no tokenizer.model or tokenizer.json")
     base, adapter = adapter_dirs
     bad = edited_adapter(adapter, tmp_path / "bad", r=-4)
     code, _, err = run_sample([f"--init_from={base}", f"--adapter={bad}"])

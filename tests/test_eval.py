@@ -17,6 +17,7 @@ import eval as E
 import model as M
 import qlora as Q
 from conftest import ROOT, asset, peer
+from tokenizer import Tokenizer
 
 # Fields with commas, quotes and newlines, as real MMLU rows have them.
 DEV = [
@@ -93,9 +94,9 @@ def test_prompt_byte_for_byte():
 
 
 def test_answer_pieces():
-    llama = C.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
+    llama = Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
     assert E.answer_pieces(llama) == [(319,), (350,), (315,), (360,)]  # ▁A ▁B ▁C ▁D
-    tiny = C.Tokenizer(asset("stories260K", "tokenizer.model"))
+    tiny = Tokenizer(asset("stories260K", "tokenizer.model"))
     pieces = E.answer_pieces(tiny)
     assert [tiny.sp.id_to_piece(list(p)) for p in pieces] == [["▁", "A"], ["▁B"], ["▁", "C"], ["▁", "D"]]
 
@@ -136,7 +137,7 @@ def hf_reference(hf, sp, data, shots, ctx):
 def test_mmlu_matches_transformers_batched_and_one_by_one(tmp_path, stories):
     path, hf = stories
     data = E.load_mmlu(write_mmlu(tmp_path))
-    tok = C.Tokenizer(path / "tokenizer.model")
+    tok = Tokenizer(path / "tokenizer.model")
     model = C.load_model(path).eval()
     ref = hf_reference(hf, tok.sp, data, 5, model.args.max_seq_len)
     assert {r["k"] for r in ref} >= {5} and min(r["k"] for r in ref) < 5  # the long question drops examples
@@ -156,7 +157,7 @@ def test_mmlu_matches_transformers_batched_and_one_by_one(tmp_path, stories):
 def test_single_piece_letters_predict_the_argmax_of_the_next_token_logits(tmp_path):
     """With LLaMA's tokenizer each letter is one token: the prediction is the argmax of the plain (no cache)
     next-token logits at ▁A ▁B ▁C ▁D, and the four logits are those."""
-    tok = C.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
+    tok = Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
     torch.manual_seed(3)
     model = M.Transformer(M.ModelArgs(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=32000,
                                       max_seq_len=1024)).eval()
@@ -186,7 +187,7 @@ def test_4bit_base_and_adapter_predict_as_the_merged_model(tmp_path):
     C.save_adapter(m, tmp_path / "adapter")
     diff = C.merge(m, tmp_path / "merged")
     shutil.copy(tok_file, tmp_path / "merged" / "tokenizer.model")
-    tok = C.Tokenizer(tok_file)
+    tok = Tokenizer(tok_file)
     data = E.load_mmlu(write_mmlu(tmp_path / "mmlu"))
     q4 = C.load_for_inference(tmp_path / "base", tmp_path / "adapter").eval()  # as eval.py loads it
     assert all(lin.weight.dtype == torch.uint8 for lin in Q.linears_4bit(q4).values())  # 4-bit, no dense copy
@@ -304,7 +305,7 @@ def test_bad_input_names_file_and_line(tmp_path, what, files, subjects, where, m
 
 
 def test_question_too_long_for_the_context(tmp_path):
-    tok = C.Tokenizer(asset("stories260K", "tokenizer.model"))
+    tok = Tokenizer(asset("stories260K", "tokenizer.model"))
     model = M.Transformer(M.ModelArgs(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=512,
                                       max_seq_len=128)).eval()
     root = write_mmlu(tmp_path, {"s": [["short?", "a", "b", "c", "d", "A"], ["long " * 60, "a", "b", "c", "d", "B"]]})

@@ -25,15 +25,16 @@ FAMILIES = {  # name: (transformers config class, model class, config)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=12, rope_theta=1000000.0, sliding_window=None,
                                                       use_sliding_window=False)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None, rope_theta=1000000.0)),
+    "mistral window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8, rope_theta=1000000.0)),
 }
 
 
-def hf_model(tmp_path, name):
+def hf_model(tmp_path, name, **overrides):
     """A random tiny transformers model of the family, every tensor randomized (HF zero/one-initializes biases and
     norms: a swapped or missing one would not show), saved to tmp_path."""
     transformers = peer("transformers", "the families' parity not checked")
     config_class, model_class, cfg = FAMILIES[name]
-    config = getattr(transformers, config_class)(**{**SMALL, **cfg})
+    config = getattr(transformers, config_class)(**{**SMALL, **cfg, **overrides})
     torch.manual_seed(1)
     hf = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():

@@ -21,6 +21,7 @@ import checkpoint as C
 import memory
 import model as M
 import qlora as Q
+from tokenizer import Tokenizer
 
 # the smallest run that still has several blocks, accumulation and checkpoints: tiny preset, 4 sequences a micro-batch.
 # warmup_ratio=0 with the constant schedule makes the learning rate independent of max_steps, so a run killed on its
@@ -66,7 +67,7 @@ def write_base(d):
     in and quantizes it tensor by tensor (one process whole, FSDP ranks each into their own rows)."""
     tok = ROOT / "data" / "sample" / "tokenizer.model"
     torch.manual_seed(0)
-    dense = M.Transformer(M.get_args("tiny", vocab_size=C.Tokenizer(tok).vocab_size))
+    dense = M.Transformer(M.get_args("tiny", vocab_size=Tokenizer(tok).vocab_size))
     d.mkdir()
     C.save_safetensors(d / "model.safetensors", dense.state_dict())
     (d / "config.json").write_text(json.dumps(C.hf_config(dense.args, torch.float32)))

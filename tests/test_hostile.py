@@ -143,30 +143,39 @@ def test_a_prepared_folder_whose_meta_is_not_json(tmp_path):
     one_line_error(*cli(f"--data={folder}", f"--out_dir={tmp_path / 'out'}"), str(folder / "meta.json"))
 
 
-@pytest.mark.parametrize("tokenizer", ["empty", "tiktoken"])
-def test_a_tokenizer_that_is_no_sentencepiece_model(tokenizer, tmp_path):
+@pytest.mark.parametrize("tokenizer", ["empty", "llama3"])
+def test_a_tokenizer_that_is_not_this_models(tokenizer, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
     if tokenizer == "empty":
         (base / "tokenizer.model").write_bytes(b"")
-    else:
+    else:  # a real tokenizer (Meta's Llama 3, tiktoken's format) with 128,256 ids, beside a model of 360
         shutil.copy(asset("llama3_tokenizer", "tokenizer.model"), base / "tokenizer.model")
     rc, err = cli(f"--init_from={base}", f"--out_dir={tmp_path / 'out'}")
-    one_line_error(rc, err, str(base / "tokenizer.model"), "empty file" if tokenizer == "empty" else "tiktoken")
+    if tokenizer == "empty":
+        one_line_error(rc, err, str(base / "tokenizer.model"), "empty file")
+    else:
+        one_line_error(rc, err, str(base / "tokenizer.model"), "128256 token ids", "has only 360")
 
 
-def test_mistral_sliding_window_shorter_than_the_context_is_refused(tmp_path):
-    base = tmp_path / "mistral"
+def test_sliding_windows_are_masked_or_refused(tmp_path):
+    base = tmp_path / "windows"
     shutil.copytree(BASE, base)
     config = json.loads((base / "config.json").read_text())
+    # Mistral's window, on every layer: masked (tests/test_families.py: the logits against transformers')
     (base / "config.json").write_text(json.dumps(dict(config, model_type="mistral", sliding_window=16)))
+    assert C.load_args(base).sliding_window == 16
+    # Qwen's, on the layers past max_window_layers only: refused in one line
+    (base / "config.json").write_text(json.dumps(dict(config, model_type="qwen2", sliding_window=16,
+                                                      use_sliding_window=True)))
     rc, err = cli(f"--init_from={base}", f"--out_dir={tmp_path / 'out'}")
-    one_line_error(rc, err, str(base / "config.json"), "sliding_window 16")
-    # Qwen's configs carry a window that use_sliding_window turns off: the same attention as ours
+    one_line_error(rc, err, str(base / "config.json"), "use_sliding_window with sliding_window 16")
+    # Qwen's configs carry a window that use_sliding_window turns off; one as long as the context changes nothing
     (base / "config.json").write_text(json.dumps(dict(config, sliding_window=16, use_sliding_window=False)))
-    assert C.load_args(base).max_seq_len == config["max_position_embeddings"]
-    (base / "config.json").write_text(json.dumps(dict(config, sliding_window=config["max_position_embeddings"])))
-    C.load_args(base)  # a window as long as the context changes nothing
+    assert C.load_args(base).sliding_window is None
+    (base / "config.json").write_text(json.dumps(dict(config, model_type="mistral",
+                                                      sliding_window=config["max_position_embeddings"])))
+    assert C.load_args(base).sliding_window is None
 
 
 def test_rows_longer_than_the_base_context_are_refused(tmp_path):

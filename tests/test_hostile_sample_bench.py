@@ -77,27 +77,31 @@ def test_sample_padded_vocab_never_samples_past_the_tokenizer(tmp_path):
         assert r.returncode == 0 and r.stderr == b"" and r.stdout.startswith(b"What"), r.stderr.decode()
 
 
-def test_sample_refuses_tokenizer_files_that_are_not_sentencepiece(tmp_path):
+def test_sample_refuses_tokenizer_files_that_are_not_the_models(tmp_path):
     empty = base_copy(tmp_path / "empty", b"") / "tokenizer.model"
     one_line_error(run("sample.py", f"--init_from={empty.parent}"), re.escape(str(empty)))
-    llama3 = asset("llama3_tokenizer", "tokenizer.model")  # tiktoken's format (Meta's Llama 3), not sentencepiece
+    llama3 = asset("llama3_tokenizer", "tokenizer.model")  # a real tokenizer (Llama 3's, 128,256 ids): not this model's
     tiktoken = base_copy(tmp_path / "tiktoken", llama3.read_bytes()) / "tokenizer.model"
-    one_line_error(run("sample.py", f"--init_from={tiktoken.parent}"), re.escape(str(tiktoken)))
+    one_line_error(run("sample.py", f"--init_from={tiktoken.parent}"),
+                   re.escape(f"{tiktoken}: 128256 token ids, the model in {tiktoken.parent} has only 360"))
 
 
-def test_sample_refuses_tokenizer_without_bos(tmp_path):
+def test_sample_with_a_tokenizer_without_bos(tmp_path):
     import sentencepiece as spm
-    proto = io.BytesIO()  # a real sentencepiece model, trained with no BOS piece
+    proto = io.BytesIO()  # a real sentencepiece model, trained with no BOS piece: prompts start without one (Qwen's way)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["what is twelve plus thirty four"] * 20),
                                    model_writer=proto, vocab_size=30, bos_id=-1, model_type="char", minloglevel=2)
     d = base_copy(tmp_path / "nobos", proto.getvalue())
-    one_line_error(run("sample.py", f"--init_from={d}"), re.escape(f"{d / 'tokenizer.model'}: defines no BOS id"))
+    r = run("sample.py", f"--init_from={d}", "--raw", "--prompt=what", "--max_new_tokens=3")
+    assert r.returncode == 0 and r.stdout.startswith(b"what"), r.stderr.decode()
+    one_line_error(run("sample.py", f"--init_from={d}", "--raw", "--prompt="),
+                   re.escape(f"--prompt is empty and {d / 'tokenizer.model'} puts no BOS first"))
 
 
 def test_sample_reports_a_checkpoint_error_from_the_tokenizer(monkeypatch, capsys):
-    def refuse(path):  # checkpoint.Tokenizer's way of refusing a file it cannot read
-        raise C.CheckpointError(f"{path}: not a sentencepiece model")
-    monkeypatch.setattr(sample.C, "Tokenizer", refuse)
+    def refuse(path):  # tokenizer.Tokenizer's way of refusing a file it cannot read
+        raise sample.TokenizerError(f"{path}: not a sentencepiece model")
+    monkeypatch.setattr(sample, "Tokenizer", refuse)
     with pytest.raises(SystemExit) as e:
         sample.main([f"--init_from={BASE}"])
     assert e.value.code == f"error: {SAMPLE_TOK}: not a sentencepiece model"  # sys.exit prints it as one line

@@ -8,6 +8,7 @@ import torch
 import checkpoint as C
 import model as M
 from conftest import asset, peer
+from tokenizer import Tokenizer
 
 
 def _hf_llama(tmp_path, safe=True, **cfg):
@@ -75,7 +76,7 @@ def test_stories260k_greedy_and_logits():
     assert (logits - torch.tensor(ref["logits_after_bos"])).abs().max() < 1e-4
     out = m.generate(idx, ref["steps"])
     assert out[0, len(ref["prompt_ids"]):].tolist() == ref["greedy_ids"]
-    tok = C.Tokenizer(path / "tokenizer.model")
+    tok = Tokenizer(path / "tokenizer.model")
     assert tok.decode(ref["greedy_ids"]) == ref["greedy_text"]
 
 
@@ -215,7 +216,7 @@ def test_no_checkpoint_dir(tmp_path):
 
 
 def test_tokenizer_roundtrip():
-    tok = C.Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
+    tok = Tokenizer(asset("llama2_tokenizer", "tokenizer.model"))
     ids = tok.encode("Hello, QLoRA!", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.vocab_size == 32000
     assert tok.decode(ids[1:-1]) == "Hello, QLoRA!"

@@ -96,20 +96,27 @@ def test_a_packed_batch_equals_one_conversation_a_row(grad_checkpoint, chunked_l
     assert sum(not close(grads_old[n], grads_u[n], rel=1e-2) for n in grads) >= len(grads) // 2
 
 
-def test_flex_attention_block_mask_equals_the_dense_mask(split, monkeypatch):
+@pytest.mark.parametrize("window", [None, 8])  # 8: Mistral's sliding window, inside each document too
+def test_flex_attention_block_mask_equals_the_dense_mask(split, monkeypatch, window):
     # on CUDA the mask is FlexAttention's BlockMask; FlexAttention runs forward-only on CPU: eager, then compiled
     x, y, docs = packed_batches(split, 4, 64, seed=0, epoch=0)[0]
     model = lora_model(split.meta["vocab_size"]).eval()
+    model.args.sliding_window = window
     dense_mask = M.document_mask
     with torch.no_grad():
         dense = model(x, docs=docs)
-        monkeypatch.setattr(M, "document_mask", lambda d: dense_mask(d, dense=False))
+        if window:  # the window masks something here: these rows' documents are longer than it
+            model.args.sliding_window = None
+            assert (model(x, docs=docs) - dense).abs().max() > 1e-3
+            model.args.sliding_window = window
+        monkeypatch.setattr(M, "document_mask", lambda d, window=None: dense_mask(d, dense=False, window=window))
         assert not torch.is_tensor(M.document_mask(docs))
         flex = model(x, docs=docs)
         assert (flex - dense).abs().max() <= 1e-5 * dense.abs().max()
-        monkeypatch.setattr(M, "flex", lambda compiled: M.torch.compile(M.flex_attention, dynamic=False))
-        compiled = model(x, docs=docs)
-        assert (compiled - dense).abs().max() <= 1e-5 * dense.abs().max()
+        if window is None:  # compiled once: the window is one more term of the same mask function
+            monkeypatch.setattr(M, "flex", lambda compiled: M.torch.compile(M.flex_attention, dynamic=False))
+            compiled = model(x, docs=docs)
+            assert (compiled - dense).abs().max() <= 1e-5 * dense.abs().max()
 
 
 def test_packed_rows_hold_every_conversation_once_and_whole(split):

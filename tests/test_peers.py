@@ -1,4 +1,4 @@
-# The peers that the parity tests compare against live (transformers, peft, bitsandbytes) import beside our
+# The peers that the parity tests compare against live (transformers, peft, bitsandbytes, tiktoken) import beside our
 # kernels.py, whose name transformers 5's own `kernels` dependency shares; and under CI none of them may be missing,
 # so a parity test can never pass by skipping there.
 import os
@@ -23,7 +23,7 @@ def test_peer_imports_beside_our_kernels(name):
             "assert k is kernels is qlora.kernels, k\n"
             "assert hasattr(k, 'dequantize_4bit'), 'not our kernels.py'\n"
             "print(m.__version__)\n")
-    if name != "bitsandbytes":  # the model transformers builds and reloads, as the parity tests do
+    if name in ("transformers", "peft"):  # the model transformers builds and reloads, as the parity tests do
         code += ("import tempfile, torch, transformers\n"
                  "cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, "
                  "num_attention_heads=4, vocab_size=64)\n"

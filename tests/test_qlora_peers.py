@@ -6,7 +6,7 @@ import torch
 
 import checkpoint as C
 import qlora as Q
-from conftest import asset, peer
+from conftest import asset, exact_bnb_cpu_path, peer
 
 bnb = peer("bitsandbytes", "live 4-bit format parity not checked")
 F = bnb.functional
@@ -118,16 +118,8 @@ def hf(tmp_path_factory):
 
 def _hf_4bit(transformers, path):
     m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
-    _exact_bnb_cpu_path(m)
+    exact_bnb_cpu_path(m)
     return m
-
-
-def _exact_bnb_cpu_path(m):
-    # On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight at the first no-grad eval forward
-    # and runs a bf16 kernel; turn that off so it dequantizes and multiplies in fp32 (its path for training).
-    for mod in m.modules():
-        if hasattr(mod, "support_avx512bf16_for_cpu"):
-            mod.support_avx512bf16_for_cpu = False
 
 
 IDX = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -197,7 +189,7 @@ def test_adapter_saved_here_loads_in_peft(hf, tmp_path):
             torch.nn.init.normal_(m.lora_B.weight, std=0.05)  # a trained-looking adapter
     C.save_adapter(ours, tmp_path, base_model_name_or_path=str(d / "bnb"))
     theirs = peft.PeftModel.from_pretrained(_hf_4bit(transformers, d / "bnb"), tmp_path).eval()
-    _exact_bnb_cpu_path(theirs)
+    exact_bnb_cpu_path(theirs)
     with torch.no_grad():
         diff = (ours(IDX) - theirs(IDX).logits).abs().max().item()
         with theirs.disable_adapter():
@@ -212,7 +204,7 @@ def test_adapter_saved_by_peft_loads_here(hf, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, task_type="CAUSAL_LM", init_lora_weights=False,
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])
     theirs = peft.get_peft_model(_hf_4bit(transformers, d / "bnb"), config).eval()  # B random, not zero
-    _exact_bnb_cpu_path(theirs)
+    exact_bnb_cpu_path(theirs)
     theirs.save_pretrained(tmp_path)
     ours = C.load_adapter(C.load_quantized(d / "bnb"), tmp_path).eval()
     assert {n.rsplit(".", 1)[-1] for n, m in Q.linears_4bit(ours).items() if m.r} == set(config.target_modules)

@@ -17,13 +17,16 @@ import base64
 import functools
 import json
 import random
+import re
 import shutil
+import subprocess
+import sys
 import unicodedata
 
 import pytest
 
-from conftest import LLAMA3_PATTERN, SPECIALS, asset, peer
-from tokenizer import Tokenizer, find_tokenizer
+from conftest import LLAMA3_PATTERN, ROOT, SPECIALS, asset, peer
+from tokenizer import Tokenizer, TokenizerError, byte_alphabet, find_tokenizer
 
 # ----------------------------------------------------------------------------- the corpus
 
@@ -337,7 +340,7 @@ def test_sentencepiece_files_load_match_and_round_trip(name, tmp_path):
 
 def test_find_tokenizer_prefers_the_model_file(tmp_path):
     assert tmp_path.is_dir()
-    with pytest.raises(Exception) as e:
+    with pytest.raises(TokenizerError) as e:
         find_tokenizer(tmp_path)
     assert str(tmp_path) in str(e.value)
     (tmp_path / "tokenizer.json").write_text("{}")
@@ -345,3 +348,45 @@ def test_find_tokenizer_prefers_the_model_file(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"")
     assert find_tokenizer(tmp_path) == tmp_path / "tokenizer.model"
     assert find_tokenizer(str(tmp_path)) == tmp_path / "tokenizer.model"
+
+
+# ----------------------------------------------------------------------------- what is refused, in one line
+
+def byte_level_json():
+    """The smallest byte-level BPE tokenizer.json: the 256 bytes, no merges, GPT-2's pre-tokenizer."""
+    return dict(model=dict(type="BPE", vocab={c: b for b, c in byte_alphabet().items()}, merges=[]),
+                pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, use_regex=True), added_tokens=[])
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda j: j["model"].update(type="Unigram"), "model.type 'Unigram'"),
+    (lambda j: j["model"].update(byte_fallback=True), "model.byte_fallback True is not supported"),
+    (lambda j: j.update(normalizer=dict(type="Lowercase")), "normalizer 'Lowercase' is not supported"),
+    (lambda j: j.update(pre_tokenizer=dict(type="Metaspace", replacement="▁")), "pre_tokenizer {\"type\": \"Metaspace\""),
+    (lambda j: j["model"]["vocab"].pop("A"), "no token for 1 of the 256 bytes"),
+    (lambda j: j["model"].update(merges=[["A", "no such token"]]), "not byte-level BPE"),
+])
+def test_a_tokenizer_json_it_cannot_read_is_refused_naming_the_key(tmp_path, change, says):
+    j = byte_level_json()
+    change(j)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(j))
+    with pytest.raises(TokenizerError, match="^" + re.escape(f"{tmp_path / 'tokenizer.json'}: ") + ".*" + re.escape(says)):
+        Tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_the_smallest_tokenizer_json_reads_and_refusals_are_one_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(byte_level_json()))
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    assert tok.encode("Hi!") == [ord("H"), ord("i"), ord("!")] and tok.decode(tok.encode("ﬁ é")) == "ﬁ é"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(eos_token="<|eos|>")))
+    with pytest.raises(TokenizerError, match="eos_token '<\\|eos\\|>' is not a token of"):
+        Tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer.json").write_text('{"model": ')  # cut short
+    for args in (["sample.py"], ["eval.py", "--text=README.md"]):
+        p = subprocess.run([sys.executable, *args, f"--init_from={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'tokenizer.json'}: not readable JSON")
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.model").write_bytes(b"IQ== 0\nIg== x\n")  # tiktoken's format, a bad rank
+    with pytest.raises(TokenizerError, match="line 2 is not `base64\\(token\\) rank`"):
+        Tokenizer(tmp_path / "tokenizer.model")

@@ -10,8 +10,9 @@ Guanaco's text rows ({"text": "### Human: ...### Assistant: ..."}). From each tr
 rank 0 first; unranked siblings after ranked ones, ties broken by message_id so every file order gives the same
 pick. Deleted messages and those that failed review are dropped; a trailing question with no usable answer is cut.
 Text is Guanaco's exact format, turns joined with no newline: "### Human: Hi### Assistant: Hello### Human: ...".
-Tokens: BOS, then per exchange encode("### Human: {prompt}### Assistant:") + encode("{reply}") + [EOS]; the
-reply's leading space comes from sentencepiece's dummy prefix, as in encode("### Assistant: Hello").
+Tokens: BOS (where the tokenizer puts one first), then per exchange encode("### Human: {prompt}### Assistant:") +
+encode(" {reply}") + [EOS], as encode("### Assistant: Hello") cuts it: sentencepiece's dummy prefix is that space,
+a byte-level BPE (Llama 3, Qwen) needs it written.
 
 Writes to --out_dir, per split (train, val; ~5% of trees by a hash of message_tree_id):
   {split}.bin       tokens, uint16 (uint32 if the vocabulary has more than 65536 entries)
@@ -33,7 +34,10 @@ from collections import Counter, namedtuple
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tokenizer import Tokenizer, TokenizerError, tokenizer_sha256
 
 HERE = Path(__file__).resolve().parent
 URL = "https://huggingface.co/datasets/OpenAssistant/oasst1/resolve/main/2023-04-12_oasst_ready.trees.jsonl.gz"
@@ -284,16 +288,17 @@ def read_conversations(path, langs=(), skip_bad=False):
 
 # ----------------------------------------------------------------------------- tokenizing and writing
 
-def tokenize(sp, turns, train_on="assistant"):
+def tokenize(tok, turns, train_on="assistant"):
     """Token ids and mask flags of one conversation: BOS, then per exchange human+marker, reply, EOS."""
-    ids, flags = [sp.bos_id()], [0]  # BOS is never a target
+    ids, flags = [tok.bos_id] * tok.add_bos, [0] * tok.add_bos  # BOS is never a target
     human = TRAIN if train_on == "all" else 0
     for i in range(0, len(turns), 2):
         (_, prompt), (_, reply) = turns[i], turns[i + 1]
-        part = sp.encode(f"### Human: {prompt}### Assistant:")
+        part = tok.encode(f"### Human: {prompt}### Assistant:")
         ids += part
         flags += [human] * len(part)
-        part = sp.encode(reply) + [sp.eos_id()]  # EOS ends every reply and is always trained on
+        reply = reply if tok.sp is not None else " " + reply  # sentencepiece's dummy prefix is that space
+        part = tok.encode(reply) + [tok.eos_id]  # EOS ends every reply and is always trained on
         ids += part
         flags += [TRAIN | ASSISTANT] * len(part)
     return ids, flags
@@ -328,16 +333,15 @@ def file_sha256(p):
 
 
 def load_tokenizer(path):
-    """The sentencepiece model at path; an empty file or another format (tiktoken's, say) is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: an empty file, not a sentencepiece model")
+    """The tokenizer at path (sentencepiece, Llama 3's tiktoken file or a tokenizer.json) with the ids a conversation
+    needs: EOS, and a pad that is not EOS; anything else is a DataError naming the file."""
     try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as e:  # sentencepiece's way of saying the file is not a model
-        raise DataError(f"{path}: not a sentencepiece model ({str(e).strip()[:200]})") from None
+        tok = Tokenizer(path)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
+    if tok.eos_id < 0 or tok.pad_id < 0 or tok.pad_id == tok.eos_id or (tok.add_bos and tok.bos_id < 0):
+        raise DataError(f"{path}: needs an eos and a pad (or unk) id that is not eos")
+    return tok
 
 
 def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assistant", langs="", val_fraction=0.05,
@@ -347,26 +351,23 @@ def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assist
     if train_on not in ("assistant", "all"):
         raise ValueError(f"train_on is 'assistant' or 'all', not {train_on!r}")
     if tokenizer_path is None:
-        raise ValueError("pass the model's sentencepiece file: --tokenizer=.../tokenizer.model")
-    sp = load_tokenizer(tokenizer_path)  # before a download or a long read, which a bad tokenizer would waste
-    # LLaMA's tokenizer has no pad piece (pad_id -1): pad with unk (0) then. Never with EOS, which ends every
-    # reply and must keep that meaning
-    pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()
-    if min(sp.bos_id(), sp.eos_id(), pad_id) < 0 or pad_id == sp.eos_id():
-        raise DataError(f"{tokenizer_path}: needs bos, eos and a pad (or unk) id that is not eos")
+        raise ValueError("pass the model's tokenizer: --tokenizer=.../tokenizer.model (or tokenizer.json)")
+    # before a download or a long read, which a bad tokenizer would waste. Padding is never EOS, which ends every
+    # reply and must keep that meaning (LLaMA's has no pad piece: unk then)
+    tok = load_tokenizer(tokenizer_path)
     input_path = Path(input_path) if input_path else download()
     if not input_path.is_file():
         raise DataError(f"{input_path}: no such file")
     langs = tuple(langs.split(",")) if isinstance(langs, str) and langs else tuple(langs or ())
     convs, form, stats = read_conversations(input_path, langs, skip_bad)
     log(f"read {input_path} ({form} form): " + ", ".join(f"{k} {v:,}" for k, v in stats.items()))
-    dtype = np.uint16 if sp.vocab_size() <= 2**16 else np.uint32
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(format="guanaco: BOS, then per exchange '### Human: {prompt}### Assistant:' + ' {reply}' + EOS",
                 input=input_path.name, input_sha256=file_sha256(input_path), input_form=form,
-                tokenizer_sha256=file_sha256(tokenizer_path), vocab_size=sp.vocab_size(), bos_id=sp.bos_id(),
-                eos_id=sp.eos_id(), pad_id=pad_id, dtype=np.dtype(dtype).name, train_on=train_on, langs=list(langs),
+                tokenizer_sha256=tokenizer_sha256(tokenizer_path), vocab_size=tok.vocab_size, bos_id=tok.bos_id,
+                eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=np.dtype(dtype).name, train_on=train_on, langs=list(langs),
                 val_fraction=val_fraction, mask_bits=dict(train=TRAIN, assistant=ASSISTANT),
                 counts=dict(stats), splits={})
     for split in ("train", "val"):
@@ -374,7 +375,7 @@ def prepare(input_path=None, tokenizer_path=None, out_dir=HERE, train_on="assist
         for c in convs:
             if split_of(c.tree_id, val_fraction) != split:
                 continue
-            i, f = tokenize(sp, c.turns, train_on)
+            i, f = tokenize(tok, c.turns, train_on)
             ids += i
             flags += f
             offsets.append(len(ids))

@@ -45,6 +45,7 @@ import qlora as Q
 from data.oasst1.prepare import read_conversations, split_of
 from data.sample import prepare
 from data.sample.make import LETTERS
+from tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 SEED, STEPS, BATCH, SEQ, LR, WARMUP, THREADS = 1337, 2000, 64, 64, 3e-3, 100, 1
@@ -140,7 +141,7 @@ def pretrain(out_dir=HERE / "base", steps=STEPS, out16=None, log_every=100, eval
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     tok_path = prepare.DEFAULTS["tokenizer_path"]
-    sp = C.Tokenizer(tok_path)
+    sp = Tokenizer(tok_path)
     held = heldout()
     pairs, words = forbidden(held)
     model = M.Transformer(M.ModelArgs(**MODEL, vocab_size=sp.vocab_size))

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import checkpoint as C
+import eval as E
 import model as M
 import sample
 import train as T
 from conftest import ROOT, asset, exact_bnb_cpu_path, peer
 from data.oasst1 import prepare as P
+from test_eval import DEV, TEST, write_mmlu
 from test_families import hf_model
 from tokenizer import Tokenizer, find_tokenizer
 
@@ -87,6 +89,21 @@ def test_family_end_to_end(tmp_path, name, bpe_folders, monkeypatch):
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0].tolist()
         assert len(out) > len(ids)
         assert greedy(folder) == tok.decode([t for t in out if t not in (tok.bos_id, tok.eos_id)]), folder
+
+    # eval.py's MMLU: each prompt as transformers' tokenizer encodes it, the letters' own ids (` A`: one token, not
+    # sentencepiece's ▁A), the next-token logits at them as transformers' model gives them
+    data = E.load_mmlu(write_mmlu(tmp_path / "mmlu", {"world_religions": TEST["world_religions"]}), shots=2)
+    letters = E.answer_pieces(tok)
+    pieces = [tok.sp.id_to_piece(p[0]) if tok.sp else tok.bpe.bytes_of[p[0]].decode() for p in letters]
+    assert all(len(p) == 1 for p in letters) and pieces == [("▁" if tok.sp else " ") + c for c in "ABCD"]
+    for r, row in zip(E.mmlu(C.load_model(base).eval(), tok, data, 2, 2, progress=False), TEST["world_religions"]):
+        prompt = E.prompt_text("world_religions", DEV, r["shots"], row)
+        if tok.sp is None:
+            assert tok.encode(prompt, bos=tok.add_bos) == transformers.AutoTokenizer.from_pretrained(base)(
+                prompt)["input_ids"]
+        with torch.no_grad():
+            want = hf(torch.tensor([tok.encode(prompt, bos=tok.add_bos)])).logits[0, -1, [p[0] for p in letters]]
+        assert (torch.tensor(r["logits"]) - want).abs().max() < 1e-4 and r["prediction"] == "ABCD"[want.argmax()]
 
     # train.py on the sample data, stopped after step 3 (its checkpoint at 2) and resumed: the losses of one run
     monkeypatch.chdir(ROOT)

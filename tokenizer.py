@@ -13,7 +13,6 @@ UTF-8 bytes are merged pair by pair, lowest rank first, into token ids (cached p
 Special-token strings in the text are text (tiktoken's encode_ordinary): a conversation cannot forge an EOS.
 """
 import base64
-import functools
 import hashlib
 import json
 import re
@@ -29,6 +28,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
+NONE = sys.maxsize  # the rank of a pair that never merges
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
@@ -168,24 +168,28 @@ class BPE:
             at = m.end()
         return out + [text[at:]] * (at < len(text))
 
+    def rank(self, left, right):
+        """The merge rank of an adjacent pair (NONE: they never merge)."""
+        if self.merges is None:
+            return self.ranks.get(left + right, NONE)
+        return self.merges.get((left, right), NONE)
+
     def merge(self, piece):
-        """One piece's ids: its bytes merged pair by pair, the lowest-ranked adjacent pair first (leftmost on ties)."""
+        """One piece's ids: its bytes merged pair by pair, the lowest-ranked adjacent pair first (leftmost on ties).
+        ranks[i] is the rank of parts[i] + parts[i + 1]; a merge changes only its two neighbours' ranks."""
         b = piece.encode("utf-8")
         if self.whole and b in self.ranks:
             return [self.ranks[b]]
         parts = [b[i:i + 1] for i in range(len(b))]
-        while len(parts) > 1:
-            best, at = None, 0
-            for i in range(len(parts) - 1):
-                if self.merges is None:
-                    r = self.ranks.get(parts[i] + parts[i + 1])
-                else:
-                    r = self.merges.get((parts[i], parts[i + 1]))
-                if r is not None and (best is None or r < best):
-                    best, at = r, i
-            if best is None:
-                break
-            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        ranks = [self.rank(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+        while ranks and (best := min(ranks)) != NONE:
+            i = ranks.index(best)  # the leftmost of the lowest
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del ranks[i]
+            if i < len(ranks):
+                ranks[i] = self.rank(parts[i], parts[i + 1])
+            if i > 0:
+                ranks[i - 1] = self.rank(parts[i - 1], parts[i])
         return [self.ranks[p] for p in parts]
 
     def encode(self, text):
@@ -290,10 +294,20 @@ def read_tokenizer_json(path):
     return BPE(pattern, ranks, merges, model.get("ignore_merges", False), specials, norm is not None), specials, bos
 
 
-@functools.lru_cache(maxsize=2)
-def read_bpe(path, form, stamp):
+_PARSED = {}  # (sha256, format) -> read_bpe's result: a process parses its tokenizer once, wherever the copy lies
+
+
+def read_bpe(path, form):
     """(BPE, {special: id}, the BOS a tokenizer.json's post-processor puts first) of a tiktoken file or a
-    tokenizer.json, parsed once per process for each version of the file (stamp: its mtime and size)."""
+    tokenizer.json; the last file's parse is kept, for the same bytes read again."""
+    key = (hashlib.sha256(Path(path).read_bytes()).hexdigest(), form)
+    if key not in _PARSED:
+        _PARSED.clear()
+        _PARSED[key] = _read_bpe(path, form)
+    return _PARSED[key]
+
+
+def _read_bpe(path, form):
     if form == "json":
         bpe, specials, bos = read_tokenizer_json(path)
     else:  # Meta's specials follow its ranks
@@ -320,7 +334,7 @@ class Tokenizer:
         self.sp = self.bpe = None
         if form == "sentencepiece":
             return self._from_sentencepiece(path)
-        self.bpe, specials, bos = read_bpe(path, form, (path.stat().st_mtime_ns, path.stat().st_size))
+        self.bpe, specials, bos = read_bpe(path, form)
         self.vocab_size = max(*self.bpe.ranks.values(), *specials.values()) + 1
         if form == "json":
             return self._from_json(path, specials, bos)

@@ -282,8 +282,9 @@ def test_tokenizer_json_ids_equal_tokenizers(bpe_folders, name):
     pieces = {"llama3": ["DON", "'T", " ", "123", "45"], "qwen": ["DON", "'T", " ", *"12345"],  # the edits took
               "gpt2": ["DON", "'", "T", " ", "123", "45"]}[name]
     assert [ref.decode([i]) for i in ref.encode("DON'T 12345", add_special_tokens=False).ids] == pieces
+    theirs = {d: e.ids for d, e in zip(corpus(), ref.encode_batch(corpus(), add_special_tokens=False))}  # at once
     assert_same_ids(corpus(), encoder(bpe_folders[name] / "tokenizer.json"),
-                    lambda s: ref.encode(s, add_special_tokens=False).ids, ref.decode)
+                    lambda s: theirs[s] if s in theirs else ref.encode(s, add_special_tokens=False).ids, ref.decode)
 
 
 @pytest.mark.parametrize("name", HF)

@@ -179,7 +179,8 @@ def prompt_text(subject, dev, k, row):
 
 def answer_pieces(tok):
     """The token ids of ' A', ' B', ' C', ' D' as the tokenizer splits them after 'Answer:' (sentencepiece cuts at
-    spaces before merging pieces, so what follows 'Answer:' does not depend on the text before it).
+    spaces before merging pieces, a byte-level BPE's pre-tokenizer makes ' A' a piece of its own: what follows
+    'Answer:' does not depend on the text before it). Llama 3's: one token each, 362 426 356 423.
 
     LLaMA's tokenizer gives one piece each, [(319,), (350,), (315,), (360,)] = ▁A ▁B ▁C ▁D: the tokens a 5-shot
     prompt teaches the model to write next, the same ids as QLoRA's own MMLU code (tokenizer("A") with LLaMA's

@@ -132,9 +132,10 @@ def load_args(path):
             raise CheckpointError(f"{file}: use_sliding_window with sliding_window {window} is not supported for "
                                   f"model_type {kw['model_type']} (Mistral's window on every layer is)")
         if window is not None and window < (kw["max_seq_len"] or ModelArgs.max_seq_len):
-            kw["sliding_window"] = window  # as long as the context or longer: full attention, the same math
-        kw["special_ids"] = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")  # metadata only
-                             if type(c.get(k)) is int or isinstance(c.get(k), list) and all(type(i) is int for i in c[k])} or None
+            kw["sliding_window"] = window  # masked; one as long as the context is full attention, the same math
+        ids = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}  # metadata only
+        kw["special_ids"] = {k: v for k, v in ids.items() if type(v) is int
+                             or isinstance(v, list) and all(type(i) is int for i in v)} or None
         kw["rope_theta"] = _get(file, rope, "rope_theta", float) or kw["rope_theta"]
         files = _weight_files(path)
     elif (file := path / "params.json").exists():

@@ -37,9 +37,9 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None  # Llama 3.x: {"rope_type": "llama3", "factor": 8, ...}
     qkv_bias: bool = False  # biases on q, k and v (Qwen2 / 2.5)
     qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
-    sliding_window: Optional[int] = None  # Mistral v0.1: a token sees itself and the window - 1 before it
+    sliding_window: Optional[int] = None  # Mistral v0.1: a token sees the window - 1 before it
     model_type: str = "llama"  # the family as Hugging Face names it: llama mistral qwen2 qwen3
-    special_ids: Optional[dict] = field(default=None, compare=False)  # bos/eos/pad ids, written back as read
+    special_ids: Optional[dict] = field(default=None, compare=False)  # bos/eos/pad, as read
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -168,7 +168,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.nh, self.nkv, self.hd, self.window = args.n_heads, args.n_kv_heads, args.head_dim, args.sliding_window
+        self.nh, self.nkv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
         self.q_proj = nn.Linear(args.dim, self.nh * self.hd, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, self.nkv * self.hd, bias=args.qkv_bias)
@@ -395,7 +396,7 @@ class Transformer(nn.Module):
         T, mask, w = idx.size(1), None, self.args.sliding_window
         if docs is not None:
             pos, mask = document_positions(docs), document_mask(docs, window=w)
-        elif w and w < T and pos is None:  # longer than Mistral's window: a band, not the whole past
+        elif w and w < T and pos is None:  # longer than Mistral's window: a band of the past
             t = torch.arange(T, device=idx.device)
             mask = window_mask(t, t, w)
         at = slice(0, T) if pos is None else pos

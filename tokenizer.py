@@ -285,13 +285,19 @@ def read_tokenizer_json(path):
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise TokenizerError(f"{path}: model.vocab / model.merges are not byte-level BPE ({e!r})") from None
     specials = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
+    if not all(type(i) is int and i >= 0 for i in [*ranks.values(), *specials.values()]):
+        raise TokenizerError(f"{path}: a token id that is not a non-negative int")
     post = j.get("post_processor") or {}
     for p in post.get("processors", [post]):
         first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
         if "SpecialToken" in first:
             break
     bos = first["SpecialToken"]["id"] if "SpecialToken" in first else None
-    return BPE(pattern, ranks, merges, model.get("ignore_merges", False), specials, norm is not None), specials, bos
+    try:
+        bpe = BPE(pattern, ranks, merges, model.get("ignore_merges", False), specials, norm is not None)
+    except (TokenizerError, re.error) as e:
+        raise TokenizerError(f"{path}: pre_tokenizer regex: {e}") from None
+    return bpe, specials, bos
 
 
 _PARSED = {}  # (sha256, format) -> read_bpe's result: a process parses its tokenizer once, wherever the copy lies
@@ -309,7 +315,10 @@ def read_bpe(path, form):
 
 def _read_bpe(path, form):
     if form == "json":
-        bpe, specials, bos = read_tokenizer_json(path)
+        try:
+            bpe, specials, bos = read_tokenizer_json(path)
+        except (AttributeError, KeyError, TypeError, IndexError) as e:  # a JSON of another shape
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e})") from None
     else:  # Meta's specials follow its ranks
         ranks = read_tiktoken(path)
         specials, bos = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}, LLAMA3_SPECIALS[0]

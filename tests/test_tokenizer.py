@@ -366,6 +366,13 @@ def byte_level_json():
     (lambda j: j.update(pre_tokenizer=dict(type="Metaspace", replacement="▁")), "pre_tokenizer {\"type\": \"Metaspace\""),
     (lambda j: j["model"]["vocab"].pop("A"), "no token for 1 of the 256 bytes"),
     (lambda j: j["model"].update(merges=[["A", "no such token"]]), "not byte-level BPE"),
+    (lambda j: j.update(added_tokens=[{"id": 256}]), "not a Hugging Face tokenizer.json (KeyError"),
+    (lambda j: j["model"]["vocab"].update(A="65"), "a token id that is not a non-negative int"),
+    (lambda j: j.update(pre_tokenizer=dict(type="Split", pattern=dict(Regex="\\p{Lu}+"), behavior="Isolated")),
+     "pre_tokenizer regex: \\p{Lu} in the pre-tokenizer pattern is not supported"),
+    (lambda j: j.update(pre_tokenizer=dict(type="Split", pattern=dict(Regex="(unclosed"), behavior="Isolated")),
+     "pre_tokenizer regex: missing )"),
+    (lambda j: j.update(model=["not", "an", "object"]), "not a Hugging Face tokenizer.json (AttributeError"),
 ])
 def test_a_tokenizer_json_it_cannot_read_is_refused_naming_the_key(tmp_path, change, says):
     j = byte_level_json()

@@ -1,8 +1,9 @@
 # Each family as a user runs it: a random transformers model of Llama 3.1, Qwen2.5, Qwen3 and Mistral v0.3, saved
 # with its own tokenizer files, goes through sample.py (greedy, token for token with transformers' generate, from
-# the 16/32-bit folder and from a bitsandbytes 4-bit folder that transformers wrote), and through train.py on the
-# sample data and on OASST1 (prepared from the release's own file format): the adapter loads in peft onto the
-# transformers model with the same logits, and a run stopped part way resumes to the same losses.
+# the 16/32-bit folder and from a bitsandbytes 4-bit folder that transformers wrote), eval.py's MMLU (transformers'
+# logits at the letters' own ids), and train.py on the sample data and on OASST1 (prepared from the release's own
+# file format): a run stopped part way resumes to the same losses, the adapter loads in peft onto the transformers
+# model with the same logits, and merged it is a folder of the family's class that transformers reads the same.
 import json
 import shutil
 
@@ -138,6 +139,12 @@ def test_family_end_to_end(tmp_path, name, bpe_folders, monkeypatch):
         with theirs.disable_adapter():
             moved = (ours(idx) - theirs(idx).logits).abs().max().item()
     assert diff < 1e-5 and moved > 1e-2, (diff, moved)
+    # merged into a plain 32-bit folder of the family's class, with its special ids: transformers reads the same model
+    assert C.merge(ours, tmp_path / "merged") < 1e-4
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(merged).__name__ == type(hf).__name__ and merged.config.eos_token_id == hf.config.eos_token_id
+    with torch.no_grad():
+        assert (merged(idx).logits - ours(idx)).abs().max() < 1e-4
 
 
 def test_meta_llama3_folder_samples_as_transformers(tmp_path):

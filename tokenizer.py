@@ -58,10 +58,10 @@ def file_format(path):
 def tokenizer_sha256(path):
     """What names a tokenizer in a prepared data folder's key: its file, and for the BPE formats this file's code
     and, beside a tokenizer.json, the settings that choose its BOS, EOS and pad (tokenizer_config.json, config.json)."""
-    h = hashlib.sha256(Path(path).read_bytes())
-    if file_format(path) != "sentencepiece":
+    h, form = hashlib.sha256(Path(path).read_bytes()), file_format(path)
+    if form != "sentencepiece":
         h.update(Path(__file__).read_bytes())
-    if file_format(path) == "json":
+    if form == "json":
         for name in ("tokenizer_config.json", "config.json"):
             if (Path(path).parent / name).is_file():
                 h.update(_special_settings(Path(path).parent / name).encode())
@@ -387,10 +387,6 @@ class Tokenizer:
             self.bos_id = specials[template_bos]
         if self.pad_id < 0 or self.pad_id == self.eos_id:
             self.pad_id = 1 if self.eos_id == 0 else 0  # only ever under a masked target: any id but EOS
-
-    @property
-    def sha256(self):
-        return tokenizer_sha256(self.path)
 
     def encode(self, s, bos=False, eos=False):
         ids = self.sp.encode(s) if self.sp is not None else self.bpe.encode(s)
